@@ -1,0 +1,135 @@
+"""Loading Higgs Audio v2 checkpoints: local directories or Hub repo ids, single or sharded safetensors.
+
+The model is built on the meta device and every tensor is materialised exactly once, straight from the
+safetensors file into its final dtype and device, shard by shard: peak host memory stays near one copy of the
+weights (no randomly-initialised model plus a loaded state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import HiggsConfig
+from .model import HiggsAudioModel
+
+DEFAULT_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+                "generation_config.json"]
+# Keys some checkpoints carry that hold nothing the model needs (buffers saved by older code).
+STRAY_SUFFIXES = ("rotary_emb.inv_freq",)
+STRAY_KEYS = {"audio_codebook_weights"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(path_or_repo: str | os.PathLike = DEFAULT_REPO) -> Path:
+    """A local directory as is; otherwise a Hub repo id fetched (or found in the cache) with snapshot_download."""
+    p = Path(os.fspath(path_or_repo)).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a checkpoint directory (config.json + *.safetensors), got a file")
+    repo = os.fspath(path_or_repo)
+    if repo.count("/") != 1 or repo.startswith((".", "/")):
+        raise CheckpointError(f"{repo}: no such directory, and not a Hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', '0')}). Download it on a connected machine with "
+            f"`huggingface-cli download {repo}` (cache: $HF_HOME) or pass a local directory.") from e
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (ckpt / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files listed but missing: {missing}")
+        return [ckpt / f for f in files]
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(ckpt.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{ckpt}: no model.safetensors, model.safetensors.index.json or *.safetensors")
+    return found
+
+
+def _is_stray(key: str, cfg: HiggsConfig) -> bool:
+    if key in STRAY_KEYS or key.endswith(STRAY_SUFFIXES):
+        return True
+    # A checkpoint may ship tower weights while its config says not to use them (skip_audio_tower=true).
+    return cfg.skip_audio_tower and key.startswith(("audio_tower.", "audio_encoder_proj."))
+
+
+def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_path, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_path) if mod_path else model
+    old = getattr(mod, name)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(mod, name, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod.register_buffer(name, value, persistent=True)
+
+
+def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
+    """Materialise every parameter of a meta-device `model` from safetensors files, strictly."""
+    from safetensors import safe_open
+
+    expected = {k: v for k, v in model.state_dict().items()}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key not in expected:
+                    if not _is_stray(key, model.config):
+                        unexpected.append(f"{key} ({f.name})")
+                    continue
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    mismatched.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(expected[key].shape)}")
+                    continue
+                # one conversion; `copy=False` keeps the mmap-backed tensor when dtype/device already match
+                _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or mismatched:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) +
+                         (" ..." if len(unexpected) > 20 else ""))
+        if mismatched:
+            lines.append("shape mismatches: " + "; ".join(mismatched[:20]))
+        raise CheckpointError(f"checkpoint {files[0].parent} does not match the model built from its config.json:\n  "
+                              + "\n  ".join(lines))
+
+
+def load_model(path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> HiggsAudioModel:
+    """Build the model from a checkpoint's config.json and load its weights (strict, with a readable report)."""
+    ckpt = resolve_checkpoint(path_or_repo)
+    cfg = HiggsConfig.from_file(ckpt / "config.json")
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = HiggsAudioModel(cfg)
+    load_state_into(model, weight_files(ckpt), dtype, device)
+    model.reset_buffers()
+    model.checkpoint_dir = str(ckpt)
+    return model.eval()

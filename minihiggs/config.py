@@ -1,0 +1,215 @@
+"""Model configuration, parsed from a Higgs Audio v2 checkpoint's `config.json`.
+
+Every special-token id is read from the config, never hard-coded. Options the model cannot honour are
+refused with an error naming the field and its value, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TextConfig:
+    """The Llama-3 backbone (`text_config` of the checkpoint)."""
+
+    vocab_size: int = 128256
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 24
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 131072
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    pad_token_id: int | None = None
+
+    @staticmethod
+    def from_dict(d: dict) -> "TextConfig":
+        _refuse(d, "text_config.hidden_act", d.get("hidden_act", "silu"), {"silu"})
+        _refuse(d, "text_config.attention_bias", bool(d.get("attention_bias", False)), {False})
+        _refuse(d, "text_config.mlp_bias", bool(d.get("mlp_bias", False)), {False})
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        head_dim = d.get("head_dim") or hidden // heads
+        return TextConfig(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=d.get("rope_scaling"),
+            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+
+@dataclass
+class HiggsConfig:
+    text: TextConfig
+    audio_adapter_type: str = "dual_ffn_fast_forward"
+    audio_dual_ffn_layers: list[int] = field(default_factory=list)
+    audio_num_codebooks: int = 8
+    audio_codebook_size: int = 1024
+    audio_stream_bos_id: int = 1024
+    audio_stream_eos_id: int = 1025
+    use_delay_pattern: bool = True
+    encode_audio_in_tokens: bool = True
+    audio_embed_avg: bool = False
+    use_audio_out_embed_projector: bool = False
+    skip_audio_tower: bool = True
+    encode_whisper_embed: bool = False
+    audio_encoder_config: dict | None = None
+    pad_token_id: int = 128001
+    audio_in_token_id: int = 128015
+    audio_out_token_id: int = 128016
+    audio_out_bos_token_id: int | None = 128013
+    audio_eos_token_id: int | None = 128012
+    raw: dict = field(default_factory=dict, repr=False)  # the full config.json, re-written verbatim on export
+
+    @property
+    def codebook_stride(self) -> int:
+        """Rows per codebook in the embedding/head: the codes plus the stream BOS and EOS."""
+        return self.audio_codebook_size + 2
+
+    @property
+    def has_audio_tower(self) -> bool:
+        return not self.skip_audio_tower
+
+    @property
+    def uses_whisper_features(self) -> bool:
+        """Whether batches need Whisper log-mel features (prep computes them only then)."""
+        return self.encode_whisper_embed and not self.skip_audio_tower
+
+    def layer_kind(self, i: int) -> str:
+        """'dual' (shared attention, text/audio FFNs), 'fast_forward' (audio passes through) or 'text'."""
+        if i in self.audio_dual_ffn_layers:
+            return "dual"
+        return "fast_forward" if self.audio_adapter_type == "dual_ffn_fast_forward" else "text"
+
+    @staticmethod
+    def from_dict(d: dict) -> "HiggsConfig":
+        if "text_config" not in d:
+            raise ConfigError("config.json: missing field 'text_config' (is this a Higgs Audio v2 checkpoint?)")
+        text = TextConfig.from_dict(d["text_config"])
+        _refuse(d, "audio_adapter_type", d.get("audio_adapter_type"), {"dual_ffn", "dual_ffn_fast_forward"})
+        _refuse(d, "audio_decoder_proj_num_layers", int(d.get("audio_decoder_proj_num_layers") or 0), {0})
+        _refuse(d, "use_rq_transformer", bool(d.get("use_rq_transformer", False)), {False})
+        _refuse(d, "use_audio_out_self_attention", bool(d.get("use_audio_out_self_attention", False)), {False})
+        skip_tower = bool(d.get("skip_audio_tower", True))
+        encode_whisper = bool(d.get("encode_whisper_embed", False))
+        if not skip_tower and not d.get("audio_encoder_config"):
+            raise ConfigError("config.json: skip_audio_tower=false but audio_encoder_config is missing")
+        layers = [int(i) for i in d.get("audio_dual_ffn_layers") or []]
+        bad = [i for i in layers if not 0 <= i < text.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"config.json: audio_dual_ffn_layers={layers} has indices outside "
+                              f"[0, {text.num_hidden_layers})")
+        cfg = HiggsConfig(
+            text=text,
+            audio_adapter_type=d["audio_adapter_type"],
+            audio_dual_ffn_layers=layers,
+            audio_num_codebooks=int(d.get("audio_num_codebooks", 8)),
+            audio_codebook_size=int(d.get("audio_codebook_size", 1024)),
+            audio_stream_bos_id=int(d.get("audio_stream_bos_id", 1024)),
+            audio_stream_eos_id=int(d.get("audio_stream_eos_id", 1025)),
+            use_delay_pattern=bool(d.get("use_delay_pattern", False)),
+            encode_audio_in_tokens=bool(d.get("encode_audio_in_tokens", False)),
+            audio_embed_avg=bool(d.get("audio_embed_avg", False)),
+            use_audio_out_embed_projector=bool(d.get("use_audio_out_embed_projector", False)),
+            skip_audio_tower=skip_tower,
+            encode_whisper_embed=encode_whisper,
+            audio_encoder_config=d.get("audio_encoder_config"),
+            pad_token_id=int(_first(d.get("pad_token_id"), text.pad_token_id, 128001)),
+            audio_in_token_id=int(_required(d, "audio_in_token_idx")),
+            audio_out_token_id=int(_required(d, "audio_out_token_idx")),
+            audio_out_bos_token_id=d.get("audio_out_bos_token_id"),
+            audio_eos_token_id=d.get("audio_eos_token_id"),
+            raw=d,
+        )
+        for name in ("audio_stream_bos_id", "audio_stream_eos_id"):
+            v = getattr(cfg, name)
+            if not cfg.audio_codebook_size <= v < cfg.codebook_stride:
+                raise ConfigError(f"config.json: {name}={v} must be in [audio_codebook_size, audio_codebook_size+2)")
+        return cfg
+
+    @staticmethod
+    def from_file(path: str | os.PathLike) -> "HiggsConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from e
+        try:
+            return HiggsConfig.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+def _first(*vals: Any) -> Any:
+    return next(v for v in vals if v is not None)
+
+
+def _required(d: dict, key: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"config.json: missing required field '{key}'")
+    return d[key]
+
+
+def _refuse(d: dict, name: str, value: Any, allowed: set) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config.json: unsupported {name}={value!r} (supported: {sorted(map(repr, allowed))})")
+
+
+def rope_inv_freq(cfg: TextConfig):
+    """RoPE inverse frequencies, including the `llama3` long-context rescaling.
+
+    Both parameterisations seen in the wild ({low 1, high 4, original 8192} and {0.125, 0.5, 1024}) go through
+    the same formula: wavelengths shorter than original/high_freq_factor keep their frequency, those longer than
+    original/low_freq_factor are divided by `factor`, and the band between is smoothly interpolated.
+    Computed in float32 with the same operation order as the reference, so the frequencies are bit-identical.
+    """
+    import torch
+
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind != "llama3":
+        raise ConfigError(f"config.json: unsupported text_config.rope_scaling.rope_type={kind!r} (supported: 'llama3')")
+    factor = float(rs["factor"])
+    low = float(rs["low_freq_factor"])
+    high = float(rs["high_freq_factor"])
+    old_ctx = float(rs["original_max_position_embeddings"])
+    low_wavelen = old_ctx / low
+    high_wavelen = old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)

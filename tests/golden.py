@@ -1,0 +1,111 @@
+"""Locating the golden reference sets and materialising their weights into a cache outside ../shared.
+
+Sets are found through $MINIHIGGS_GOLDEN (model variants), $MINIHIGGS_GOLDEN_CODEC (tokenizer variants) and
+$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. Weights are
+regenerated with the set's own materialize.py into $MINIHIGGS_CACHE (default: <repo>/.cache/golden), keyed by
+the sha256 of init.json so a changed set is never served stale weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+
+
+def golden_root(env: str, default: Path) -> Path:
+    return Path(os.environ.get(env, str(default)))
+
+
+MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
+CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
+WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
+CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
+
+
+def variants(root: Path) -> list[Path]:
+    """Every directory under `root` holding an init.json (a materialisable variant), sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob("*/init.json"))
+
+
+def find_materialize(variant_dir: Path) -> Path:
+    """materialize.py lives at the top of the golden tree; walk up from the variant to find it."""
+    for parent in [variant_dir, *variant_dir.parents]:
+        cand = parent / "materialize.py"
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no materialize.py above {variant_dir}")
+
+
+def materialized(variant_dir: Path) -> Path:
+    """Path of the variant's model.safetensors in the cache, generating it once (process-safe)."""
+    variant_dir = Path(variant_dir)
+    digest = hashlib.sha256((variant_dir / "init.json").read_bytes()).hexdigest()[:16]
+    out = CACHE / f"{variant_dir.parent.name}-{variant_dir.name}-{digest}" / "model.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            tmp = out.with_suffix(".tmp.safetensors")
+            subprocess.run([sys.executable, str(find_materialize(variant_dir)), str(variant_dir), "--out", str(tmp)],
+                           check=True, stdout=subprocess.DEVNULL)
+            os.replace(tmp, out)
+    return out
+
+
+def golden_samples(variant_dir: Path) -> list:
+    """The variant's raw samples (samples.safetensors) as minihiggs `Sample`s, placeholder order preserved.
+
+    Whisper features (tower variants) are taken from the collated batch.safetensors rows, in the order the
+    reference fed them, so model parity is tested independently of the log-mel implementation.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from minihiggs.sample import Sample
+
+    raw = load_file(str(Path(variant_dir) / "samples.safetensors"))
+    batch = load_file(str(Path(variant_dir) / "batch.safetensors"))
+    n = len({k.split(".")[0] for k in raw})
+    feats = batch.get("audio_features")
+    fmask = batch.get("audio_feature_attention_mask")
+    chunk = 0
+    out = []
+    for i in range(n):
+        g = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(f"sample{i}.")}
+        starts = g["audio_ids_start"].tolist()
+        concat = g["audio_ids_concat"]
+        ends = starts[1:] + [concat.shape[1]]
+        codes = [concat[:, s:e].clone() for s, e in zip(starts, ends)]
+        s = Sample(input_ids=g["input_ids"].long(), label_ids=g["label_ids"].long(), audio_codes=codes,
+                   sample_id=f"{Path(variant_dir).name}-{i}")
+        if feats is not None:
+            cfg = json.loads((Path(variant_dir) / "config.json").read_text())
+            n_in = int((s.input_ids == cfg["audio_in_token_idx"]).sum())
+            s.whisper_features = [feats[chunk + j] for j in range(n_in)]
+            s.whisper_lengths = [int(fmask[chunk + j].sum()) for j in range(n_in)]
+            chunk += n_in
+        out.append(s)
+    return out
+
+
+def model_dir(variant_dir: Path, tmp_root: Path) -> Path:
+    """A loadable checkpoint directory: the variant's config.json + its materialised weights (symlinked)."""
+    import shutil
+
+    d = Path(tmp_root) / Path(variant_dir).name
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(variant_dir) / "config.json", d / "config.json")
+    link = d / "model.safetensors"
+    if not link.exists():
+        link.symlink_to(materialized(variant_dir))
+    return d
