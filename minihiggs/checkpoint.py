@@ -85,26 +85,58 @@ def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
         mod.register_buffer(name, value, persistent=True)
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(tensor table, byte offset of the data section) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(f, info: dict, data_start: int, path: Path, key: str) -> torch.Tensor:
+    """Read one tensor with a plain file read into a fresh buffer.
+
+    Deliberately not mmap: pages of a mapped file count in the process RSS until it is unmapped, so loading
+    through mmap holds the weights twice (the mapping + the materialised copy) at the peak.
+    """
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if end - begin != nbytes:
+        raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
+    f.seek(data_start + begin)
+    if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise CheckpointError(f"{path}: truncated file (tensor {key})")
+    return t
+
+
 def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
     """Materialise every parameter of a meta-device `model` from safetensors files, strictly."""
-    from safetensors import safe_open
-
     expected = {k: v for k, v in model.state_dict().items()}
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+    for path in files:
+        header, data_start = safetensors_header(path)
+        with open(path, "rb") as f:
+            for key, info in header.items():
                 if key not in expected:
                     if not _is_stray(key, model.config):
-                        unexpected.append(f"{key} ({f.name})")
+                        unexpected.append(f"{key} ({path.name})")
                     continue
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[key].shape):
-                    mismatched.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(expected[key].shape)}")
+                if tuple(info["shape"]) != tuple(expected[key].shape):
+                    mismatched.append(f"{key}: checkpoint {tuple(info['shape'])} vs model {tuple(expected[key].shape)}")
                     continue
-                # one conversion; `copy=False` keeps the mmap-backed tensor when dtype/device already match
+                t = read_tensor(f, info, data_start, path, key)
                 _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                 seen.add(key)
     missing = sorted(set(expected) - seen)

@@ -83,12 +83,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 at least (fp64 inputs stay fp64)
+        total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits = (hc @ w.t()).float()
+            logits = (hc @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -98,7 +99,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk] = g @ w
                 if need_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w += (g.t() @ hc).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
