@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .batch import Batch
 from .config import HiggsConfig, TextConfig, rope_inv_freq
@@ -190,6 +191,9 @@ class HiggsAudioModel(nn.Module):
         self.register_buffer("codebook_offsets",
                              torch.arange(cfg.audio_num_codebooks) * cfg.codebook_stride, persistent=False)
         self.text_chunk_rows = 1024  # rows of the 128k-wide text head evaluated at once in the fused loss
+        # Recompute each decoder layer in backward instead of storing its activations (training only): the
+        # 3B model at a few thousand tokens per row otherwise needs tens of GB for activations.
+        self.activation_checkpointing = False
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after construction on the meta device)."""
@@ -247,7 +251,10 @@ class HiggsAudioModel(nn.Module):
         li = self.layer_inputs(batch, x.dtype)
         states = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, li)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, li, use_reentrant=False)
+            else:
+                x = layer(x, li)
             if states is not None:
                 states.append(x)
         x = self.norm(x)

@@ -199,3 +199,17 @@ def test_padding_does_not_change_real_positions(tiny):
     assert int(b.attention_mask[0].sum()) == n and b.input_ids.shape[1] > b1.input_ids.shape[1]
     torch.testing.assert_close(out[0, :n], h1[0, :n], rtol=1e-4, atol=1e-5)
     assert alone["total"] > 0
+
+
+def test_activation_checkpointing_same_grads(tiny):
+    model = load_model(tiny).train()
+    batch = collate(synth_samples(3, seed=2), model.config)
+    model(batch).normalized().backward()
+    ref = _grads(model)
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(batch).normalized().backward()
+    got = _grads(model)
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-8, msg=n)
