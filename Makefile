@@ -23,3 +23,10 @@ demo: $(STAMP)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache
+
+# make prep MANIFEST=data/train.jsonl OUT=data/prepared [ARGS="--workers 4 --voice_clone"]
+prep: $(STAMP)
+	$(PY) prep.py --manifest $(MANIFEST) --out $(OUT) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_train.py
