@@ -30,3 +30,6 @@ prep: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py
+
+bench-codec: $(STAMP)
+	$(PY) scripts/bench_codec.py
