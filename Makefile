@@ -33,3 +33,7 @@ bench: $(STAMP)
 
 bench-codec: $(STAMP)
 	$(PY) scripts/bench_codec.py
+
+# make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also renders it at the end)
+plot: $(STAMP)
+	$(PY) scripts/plot_metrics.py $(OUT)

@@ -1,0 +1,259 @@
+"""Tokenizer config, checkpoint reading and the strict checkpoint -> model key mapping.
+
+The reference loads `model.pth` with `load_state_dict(strict=False)`, which silently ignores any name
+mismatch (a renamed key leaves a layer at its random init and nothing complains). Here every one of the
+checkpoint's tensors must be either consumed by a parameter or listed by name as deliberately unused;
+anything else, and any missing or mis-shaped tensor, is an error that lists the offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+DEFAULT_REPO = "bosonai/higgs-audio-v2-tokenizer"
+HUB_FILES = ["config.json", "model.pth"]
+
+
+class CheckpointError(ValueError):
+    """A tokenizer checkpoint or config that does not match the architecture; the message lists what is wrong."""
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """The parts of the reference's `config.json` that shape the model (see `from_dict` for what is refused)."""
+
+    sample_rate: int = 24000
+    ratios: tuple[int, ...] = (8, 5, 4, 2, 3)
+    D: int = 256
+    n_q: int = 8
+    bins: int = 1024
+    codebook_dim: int = 64
+    semantic_sample_rate: int = 16000
+    semantic_dim: int = 768
+    acoustic_channels: int = 64  # DAC encoder width, fixed in the reference (`dac2.Encoder(64, ...)`)
+    decoder_channels: int = 1024  # DAC decoder width, fixed in the reference (`dac2.Decoder(D, 1024, ...)`)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sample_rate / self.hop_length)
+
+    @property
+    def quantizer_dim(self) -> int:
+        return self.D + self.semantic_dim
+
+    @property
+    def semantic_downsample(self) -> int:
+        """HuBERT frames (320 samples at 16 kHz) per codec frame; the reference keeps every n-th."""
+        return int(self.hop_length / (self.sample_rate / self.semantic_sample_rate) / 320)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "CodecConfig":
+        # Options that exist in the reference constructor but that we do not implement; refuse rather than ignore.
+        fixed = {
+            "semantic_techer": "hubert_base_general", "downsample_mode": "step_down", "vq_scale": 1,
+            "merge_mode": "concat", "semantic_mode": "classic",
+        }
+        # Accepted but without effect on encode/decode in the reference (bandwidth selection is never used).
+        inert = {"n_filters", "target_bandwidths", "normalize", "causal", "last_layer_semantic", "device"}
+        shaped = {"sample_rate", "ratios", "D", "n_q", "bins", "codebook_dim", "semantic_sample_rate"}
+        unknown = sorted(set(d) - set(fixed) - inert - shaped)
+        if unknown:
+            raise CheckpointError(f"tokenizer config.json has unsupported keys: {unknown}")
+        for key, want in fixed.items():
+            if key in d and d[key] != want:
+                raise CheckpointError(f"tokenizer config.json: {key}={d[key]!r} is not supported (only {want!r})")
+        if not isinstance(d.get("bins", 1024), int):
+            raise CheckpointError(f"tokenizer config.json: bins={d['bins']!r} selects FSQ, which is not supported")
+        if not isinstance(d.get("codebook_dim"), int):
+            raise CheckpointError("tokenizer config.json: codebook_dim must be set (an RVQ without projections is not supported)")
+        cfg = CodecConfig(
+            sample_rate=int(d.get("sample_rate", 16000)),
+            ratios=tuple(int(r) for r in d.get("ratios", (8, 5, 4, 2))),
+            D=int(d.get("D", 128)),
+            n_q=int(d.get("n_q", 8)),
+            bins=int(d.get("bins", 1024)),
+            codebook_dim=int(d["codebook_dim"]),
+            semantic_sample_rate=int(d.get("semantic_sample_rate") or 16000),
+        )
+        if cfg.semantic_downsample < 1 or cfg.hop_length * cfg.semantic_sample_rate != cfg.semantic_downsample * 320 * cfg.sample_rate:
+            raise CheckpointError(
+                f"tokenizer config.json: hop {cfg.hop_length} at {cfg.sample_rate} Hz is not a whole number of "
+                f"HuBERT frames at {cfg.semantic_sample_rate} Hz"
+            )
+        return cfg
+
+    @staticmethod
+    def from_file(path: str | os.PathLike) -> "CodecConfig":
+        with open(path) as f:
+            return CodecConfig.from_dict(json.load(f))
+
+
+# --- checkpoint files -------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a `model.pth` (torch.load, weights_only) or `model.safetensors`, on CPU."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        # mmap avoids a second in-RAM copy of the 800 MB file; only the zip format (torch.save default) supports it.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors (a state dict)")
+    return sd
+
+
+def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path]:
+    """(config.json, weights) for a local directory, a local weights file, or a Hub repo id."""
+    p = Path(os.path.expanduser(os.fspath(path_or_repo_id)))
+    if p.is_file():
+        root, weights = p.parent, p
+    elif p.is_dir():
+        root = p
+        found = [root / n for n in ("model.safetensors", "model.pth") if (root / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{root}: no model.safetensors or model.pth in the tokenizer directory")
+        weights = found[0]
+    elif p.is_absolute() or os.fspath(path_or_repo_id).startswith((".", "~")) or str(path_or_repo_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id}: no such tokenizer directory or file (nor a Hub repo id 'owner/name')")
+    else:
+        root = _download(str(path_or_repo_id))
+        weights = root / "model.pth"
+    config = root / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{root}: config.json missing next to the tokenizer weights")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: tokenizer weights missing")
+    return config, weights
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
+        raise FileNotFoundError(
+            f"audio tokenizer {repo_id!r} is not in the local Hugging Face cache and {why}. "
+            f"Fetch it while online with `huggingface-cli download {repo_id} {' '.join(HUB_FILES)}`, "
+            f"or pass a local directory holding those two files."
+        ) from e
+
+
+# --- key mapping ---------------------------------------------------------------------------------------------
+
+# Convs under these prefixes are stored as torch.nn.utils.weight_norm pairs (weight_g [out,1,1], weight_v), norm over dim 0.
+WEIGHT_NORM_PREFIXES = ("encoder.", "decoder_2.")
+# HuBERT's positional conv uses the parametrization API (original0 = g [1,1,k], original1 = v), norm over dim 2.
+POS_CONV = "semantic_model.encoder.pos_conv_embed.conv."
+
+
+def unused_tensors(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors that neither encode nor decode reads, by exact name and shape.
+
+    fc_post1 and decoder_semantic only serve the training-time semantic reconstruction loss; the codebook's
+    EMA statistics only matter while training; masked_spec_embed is HuBERT's SpecAugment vector (train only).
+    """
+    d, q = cfg.semantic_dim, cfg.quantizer_dim
+    out: dict[str, tuple[int, ...]] = {
+        "semantic_model.masked_spec_embed": (d,),
+        "fc_post1.weight": (d, q),
+        "fc_post1.bias": (d,),
+        "decoder_semantic.conv1.conv.weight": (d, d, 3),
+        "decoder_semantic.conv2.conv.weight": (d, d, 3),
+    }
+    for b in range(2):
+        p = f"decoder_semantic.conv_blocks.{b}."
+        out[p + "conv.conv.weight"] = (d, d, 3)
+        out[p + "conv.conv.bias"] = (d,)
+        for r in range(2):
+            out[p + f"res_units.{r}.conv1.conv.weight"] = (d, d, 3)
+            out[p + f"res_units.{r}.conv2.weight"] = (d, d, 1)
+    for i in range(cfg.n_q):
+        p = f"quantizer.vq.layers.{i}._codebook."
+        out[p + "inited"] = (1,)
+        out[p + "cluster_size"] = (cfg.bins,)
+        out[p + "embed_avg"] = (cfg.bins, cfg.codebook_dim)
+    return out
+
+
+def _sources(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors (name -> shape) that produce model tensor `name` of `shape`."""
+    if name.startswith(WEIGHT_NORM_PREFIXES) and name.endswith(".weight"):
+        base = name[: -len("weight")]
+        return {base + "weight_g": (shape[0], 1, 1), base + "weight_v": shape}
+    if name == POS_CONV + "weight":
+        return {POS_CONV + "parametrizations.weight.original0": (1, 1, shape[2]),
+                POS_CONV + "parametrizations.weight.original1": shape}
+    return {name: shape}
+
+
+def expected_tensors(model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint key (-> shape) this architecture reads or deliberately drops."""
+    want: dict[str, tuple[int, ...]] = {}
+    for name, shape in model_shapes.items():
+        want.update(_sources(name, tuple(shape)))
+    want.update(unused_tensors(cfg))
+    return want
+
+
+def check_keys(ckpt_shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(ckpt_shapes))
+    unexpected = sorted(set(ckpt_shapes) - set(expected))
+    bad = sorted(f"{k}: {tuple(ckpt_shapes[k])} (expected {expected[k]})"
+                 for k in set(expected) & set(ckpt_shapes) if tuple(ckpt_shapes[k]) != tuple(expected[k]))
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {missing}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {unexpected}")
+        if bad:
+            parts.append(f"{len(bad)} with the wrong shape: {bad}")
+        raise CheckpointError("tokenizer checkpoint does not match the architecture; " + "; ".join(parts))
+
+
+def convert_checkpoint(
+    ckpt: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConfig
+) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> model state dict: strict key/shape check, weight norm folded, unused tensors dropped.
+
+    Names and shapes are checked before any data is touched, so `ckpt` may hold meta tensors for a dry run.
+    """
+    check_keys({k: tuple(v.shape) for k, v in ckpt.items()}, expected_tensors(model_shapes, cfg))
+    for i in range(cfg.n_q):
+        inited = ckpt[f"quantizer.vq.layers.{i}._codebook.inited"]
+        if not inited.is_meta and not bool(inited.item()):
+            # The reference would run k-means on the first batch it sees and use the result as the codebook.
+            raise CheckpointError(f"quantizer.vq.layers.{i}: codebook was never initialised (inited=0); not a trained checkpoint")
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in model_shapes.items():
+        src = _sources(name, tuple(shape))
+        if len(src) == 1:
+            out[name] = ckpt[name]
+            continue
+        g, v = (ckpt[k] for k in src)
+        # torch._weight_norm is the exact kernel both weight-norm APIs call on every forward in the reference
+        # (v * g / ||v||, norm over every dim except `dim`), so the folded weight is bit-identical to theirs.
+        dim = 2 if name.startswith(POS_CONV) else 0
+        out[name] = torch._weight_norm(v.float(), g.float(), dim)
+    return out
