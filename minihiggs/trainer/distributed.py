@@ -1,0 +1,167 @@
+"""Process group, device and model wrapping for `train.py`: one device, DDP, or FSDP2.
+
+`python train.py` runs without a process group; under `torchrun` (RANK / WORLD_SIZE set) a group is created
+(nccl on CUDA, gloo on CPU) and every collective below becomes real. All helpers are no-ops without a group, so
+the loop reads the same in both cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    initialized: bool  # a process group exists (launched by torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    """Create the process group when launched by torchrun; pick this rank's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available()
+    if not launched:
+        return DistEnv(0, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"), False)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=timeout_minutes))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistEnv(rank, local, world, device, True)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.initialized and dist.is_initialized():
+        # gloo can abort at exit ("terminate called without an active exception") when one rank tears down
+        # while another still has work queued; a barrier first makes the shutdown orderly.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (one element without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model wrapping
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
+    """The module the training forward goes through: `model` itself, DDP(model), or `model` sharded by FSDP2.
+
+    DDP uses find_unused_parameters=True: which LoRA parameters get a gradient can depend on the batch (a batch
+    without audio-in never runs the Whisper tower, which carries LoRA when --lora_targets names it), and a rank
+    whose backward skips a parameter would otherwise leave the others waiting for its all-reduce forever.
+
+    FSDP2 shards every decoder layer and then the root (embeddings, heads, the tower and everything else). The
+    Whisper tower is deliberately *not* its own FSDP unit: its forward runs only for batches with audio-in, and
+    a unit whose all-gather runs on some ranks only would deadlock.
+    """
+    if fsdp:
+        if not env.initialized:
+            raise SystemExit("--fsdp needs a process group: launch with torchrun (e.g. --nproc_per_node=1)")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # A decoder layer returns a view (`.view(b, n, d)`); nothing modifies it in place, so FSDP2's warning
+        # about in-place ops on views does not apply here.
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if env.initialized and env.world_size > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        # No buffer sync per forward: the only buffers (RoPE frequencies, codebook offsets) are computed, identical
+        # on every rank, and never change. (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers.)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        return ddp(model, device_ids=ids, find_unused_parameters=True, gradient_as_bucket_view=True, **no_sync)
+    return model
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (an FSDP2 module is the model itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter of all but the last micro-batch of an optimizer step."""
+    if enabled:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif is_fsdp(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2: the grad norm, sharded parameters) as a plain tensor; plain tensors pass through."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t

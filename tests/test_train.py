@@ -1,0 +1,335 @@
+"""train.py in one process (CPU, fp32, tiny model): exact resume, accumulation, outputs, failures, early stop.
+
+Runs call `train.main(argv)` in-process (no interpreter start-up per run). The distributed and signal tests are
+in test_train_dist.py; the helpers here (`make_shards`, `train_args`, ...) are shared with it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from minihiggs import collate, load_model
+from minihiggs.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
+from minihiggs.dataset import ShardDataset
+from minihiggs.lora import apply_lora
+from minihiggs.model import HiggsAudioModel
+from minihiggs.shards import ShardWriter, estimated_length, shard_name, write_index
+from minihiggs.tiny import write_tiny_checkpoint
+from minihiggs.trainer import checkpointing as ckpt_io
+from minihiggs.trainer.data import collate_ids, val_batch_count, val_batches
+from minihiggs.trainer.metrics import read_metrics
+from minihiggs.trainer.schedule import lr_factor, warmup_steps
+from synth import synth_samples
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=4, dual_layers=(0, 2))
+N_SAMPLES = 40
+
+
+def make_shards(out: Path, samples, per_shard: int = 16) -> Path:
+    """A prepared directory (prep.py's format) holding `samples`, written with the shard writer directly."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(0, len(samples), per_shard):
+        name = shard_name(len(names))
+        w = ShardWriter(out, name, 8, (k, k + per_shard))
+        for j, s in enumerate(samples[k:k + per_shard]):
+            frames = [c.shape[1] for c in s.audio_codes]
+            w.add(s, source="synth", line=k + j, speaker=None, duration=sum(frames) / 25,
+                  length=estimated_length(len(s.input_ids), frames))
+        w.close([])
+        names.append(name)
+    write_index(out, names, {"num_codebooks": 8, "codebook_size": 1024, "audio_in_token_id": 128015,
+                             "audio_out_token_id": 128016, "whisper": False})
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models gain nothing from a second thread, and when the cores are shared (CI neighbours, other
+    jobs) spinning OpenMP threads make every step 10-50x slower. Restored afterwards for the other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data") / "prepared", synth_samples(N_SAMPLES, seed=1))
+
+
+def train_args(data: Path, ckpt: Path, out: Path, **over) -> list[str]:
+    opts = dict(batch_size=2, grad_accum=2, max_steps=12, log_steps=2, val_steps=3, save_steps=6,
+                val_fraction=0.2, lora_r=4, lora_alpha=8, lr=1e-3, lora_dropout=0.0, warmup=2, keep_checkpoints=3)
+    opts.update(over)
+    argv = ["--train_manifest", str(data), "--base_ckpt", str(ckpt), "--output_dir", str(out)]
+    for k, v in opts.items():
+        if v is None:
+            continue
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return argv
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / ADAPTER_WEIGHTS))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one straight run shared by several tests (dropout on: the resume test needs the RNG restored)
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tiny_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert train.main(train_args(shards, tiny_ckpt, out, lora_dropout=0.2)) == 0
+    return out
+
+
+def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
+    """12 steps straight == 6 steps + resume + 6 steps, bitwise (dropout 0.2, 2 micro-batches per step, an
+    epoch boundary inside the second half)."""
+    mid = straight / "checkpoints" / "step-00000006"
+    state = ckpt_io.load_trainer_state(mid)
+    assert state["step"] == 6 and state["epoch"] == 0 and state["batches_in_epoch"] == 12
+    resumed = tmp_path / "resumed"
+    assert train.main(train_args(shards, tiny_ckpt, resumed, lora_dropout=0.2) + ["--resume", str(mid)]) == 0
+    a, b = adapter(straight / "final"), adapter(resumed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_diff(a, b)}"
+    sa = ckpt_io.load_trainer_state(straight / "checkpoints" / "step-00000012")
+    sb = ckpt_io.load_trainer_state(resumed / "checkpoints" / "step-00000012")
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
+    assert (sa["epoch"], sa["batches_in_epoch"]) == (sb["epoch"], sb["batches_in_epoch"]) == (1, 6)  # 17 batches: 9 steps in epoch 0
+    # the resumed history continues the old one: metrics after the resume point only
+    recs = read_metrics(resumed / "metrics.jsonl")
+    assert recs[0]["event"] == "resume" and min(r["step"] for r in recs if r.get("split")) > 6
+
+
+def test_outputs_metrics_and_plot(straight):
+    recs = read_metrics(straight / "metrics.jsonl")
+    train_recs = [r for r in recs if r.get("split") == "train"]
+    val_recs = [r for r in recs if r.get("split") == "val"]
+    assert [r["step"] for r in train_recs] == list(range(2, 13, 2))
+    assert [r["step"] for r in val_recs] == [0, 3, 6, 9, 12]  # 0: the base model
+    for r in train_recs:
+        assert {"loss", "text_loss", "audio_loss", "audio_loss_per_codebook", "lr", "grad_norm", "tokens_per_s",
+                "epoch", "tokens"} <= r.keys()
+        assert len(r["audio_loss_per_codebook"]) == 8 and r["tokens_per_s"] > 0
+        assert r["loss"] == pytest.approx(r["text_loss"] + r["audio_loss"])
+    for r in val_recs:
+        assert len(r["audio_loss_per_codebook"]) == 8 and r["text_targets"] > 0
+    # warmup 2 then cosine over 12 steps: the lr logged at step s is the one used by update s (0-based s-1)
+    f = lr_factor("cosine", 2, 12)
+    assert [r["lr"] for r in train_recs] == pytest.approx([1e-3 * f(r["step"] - 1) for r in train_recs])
+    events = [r["event"] for r in recs if "event" in r]
+    assert events[0] == "start" and events[-1] == "end" and events.count("checkpoint") == 2
+
+    # every --save_steps and the end; each a complete PEFT adapter dir with the training state
+    ckpts = ckpt_io.list_checkpoints(straight)
+    assert [s for s, _ in ckpts] == [6, 12]
+    d = ckpts[-1][1]
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.pt", "trainer_state.json", "train_args.json"} \
+        <= {p.name for p in d.iterdir()}
+    args = json.loads((d / "train_args.json").read_text())
+    assert "--train_manifest" in args["argv"] and args["args"]["lora_dropout"] == 0.2
+    state = ckpt_io.load_trainer_state(d)
+    assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch", "sampler"} <= state.keys()
+    assert {"python", "numpy", "torch"} <= state["rng"][0].keys()
+    assert torch.equal(adapter(d)[next(iter(adapter(d)))], adapter(straight / "final")[next(iter(adapter(d)))])
+
+    best = json.loads((straight / "best" / "best.json").read_text())
+    assert best["val"]["loss"] == pytest.approx(min(r["loss"] for r in val_recs))
+    assert best["step"] == min(val_recs, key=lambda r: r["loss"])["step"]
+
+    png = (straight / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", png[16:24])
+    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
+    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+
+
+def test_final_adapter_loads_with_load_adapter_and_reproduces_val_loss(straight, shards, tiny_ckpt):
+    """final/ is a PEFT-format adapter: a fresh base + load_adapter gives the final validation loss again."""
+    cfg = read_adapter_config(straight / "final")
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["bias"] == "none"
+    assert cfg["lora_dropout"] == 0.2 and Path(cfg["base_model_name_or_path"]) == tiny_ckpt.resolve()
+    assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in adapter(straight / "final"))
+    model = load_model(tiny_ckpt)
+    load_adapter(model, straight / "final")
+    ds = ShardDataset(shards)
+    _, val_idx = ds.split(0.2)
+    batches = [(collate_ids(ds, ids, model.config), False) for ids in val_batches(ds, val_idx, 2, 0, 1)]
+    got = train.evaluate(model, batches, torch.device("cpu"))
+    last_val = [r for r in read_metrics(straight / "metrics.jsonl") if r.get("split") == "val"][-1]
+    assert got["total"] == pytest.approx(last_val["loss"], rel=1e-6, abs=1e-7)
+    assert got["audio_loss_per_codebook"] == pytest.approx(last_val["audio_loss_per_codebook"], rel=1e-6)
+
+
+def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
+    """train_step over k micro-batches (global-count normalisation) == one batch of their union: grads."""
+    samples = synth_samples(6, seed=4)
+
+    def grads(groups):
+        model = load_model(tiny_ckpt)
+        apply_lora(model, r=4, alpha=8, seed=0)
+        with torch.no_grad():  # non-zero B so that A gets a gradient too
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B.weight"):
+                    p.copy_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        model.train()
+        res = train.train_step(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, res
+
+    g_union, r_union = grads([samples])
+    g_micro, r_micro = grads([samples[:2], samples[2:3], samples[3:]])
+    assert r_union.sums.report()["total"] == pytest.approx(r_micro.sums.report()["total"], rel=1e-6)
+    assert r_union.tokens == r_micro.tokens
+    for n in g_union:  # fp32 sums in another order: compare relative to each gradient's scale
+        scale = float(g_union[n].abs().max())
+        assert scale > 0 and float((g_micro[n] - g_union[n]).abs().max()) <= 1e-5 * scale, n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failures
+
+
+def nan_forward(monkeypatch, bad_calls: set[int]) -> list[int]:
+    """Make the training forward return a NaN loss on the given (1-based) training-forward calls."""
+    orig = HiggsAudioModel.forward
+    calls = [0]
+
+    def forward(self, batch):
+        sums = orig(self, batch)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                sums.text_sum = sums.text_sum * float("nan")
+        return sums
+
+    monkeypatch.setattr(HiggsAudioModel, "forward", forward)
+    return calls
+
+
+def test_nonfinite_loss_skips_the_update(shards, tiny_ckpt, tmp_path, monkeypatch):
+    nan_forward(monkeypatch, {5})  # grad_accum 2: the 3rd optimizer step
+    out = tmp_path / "run"
+    assert train.main(train_args(shards, tiny_ckpt, out, max_steps=6, save_steps=0, val_steps=0)) == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    bad = [r for r in recs if r.get("event") == "nonfinite"]
+    assert [r["step"] for r in bad] == [3] and bad[0]["loss"] == "nan"
+    assert all(torch.isfinite(t).all() for t in adapter(out / "final").values())
+    assert (out / "final").is_dir()
+
+
+def test_nonfinite_in_a_row_stops_with_last_good_checkpoint(shards, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    nan_forward(monkeypatch, set(range(11, 100)))  # every step from the 6th on
+    out = tmp_path / "run"
+    assert train.main(train_args(shards, tiny_ckpt, out, max_steps=20, save_steps=4, val_steps=0)) == 1
+    err = capsys.readouterr().err
+    assert "5 non-finite" in err and "step-00000004" in err
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4]
+    assert not (out / "final").exists()
+    good = ckpt_io.latest_checkpoint(out)
+    model = load_model(tiny_ckpt)
+    load_adapter(model, good)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("event") == "nonfinite"] == [6, 7, 8, 9, 10]
+    assert recs[-1]["event"] == "stopped_nonfinite"
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = [0]
+
+    def failing_save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint: adapter files already written into the temp dir
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0))
+    monkeypatch.setattr(ckpt_io.torch, "save", real_save)
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    # a hard kill mid-save leaves a temp dir: ignored by `latest` and removed on the next start
+    (out / "checkpoints" / ".tmp-step-00000008-x").mkdir()
+    (out / "checkpoints" / ".tmp-step-00000008-x" / ADAPTER_WEIGHTS).write_bytes(b"partial")
+    assert ckpt_io.latest_checkpoint(out).name == "step-00000004"
+    assert train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0,
+                                 keep_checkpoints=2) + ["--resume", "latest"]) == 0
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [8, 12]  # the oldest pruned
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    # and the result equals an uninterrupted run
+    ref = tmp_path / "ref"
+    assert train.main(train_args(shards, tiny_ckpt, ref, max_steps=12, save_steps=4, val_steps=0)) == 0
+    a, b = adapter(ref / "final"), adapter(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_mix_runs_in_one_output_dir(straight, shards, tiny_ckpt):
+    with pytest.raises(SystemExit, match="--resume latest"):
+        train.main(train_args(shards, tiny_ckpt, straight))
+    with pytest.raises(SystemExit, match="batch_size"):
+        train.main(train_args(shards, tiny_ckpt, straight, batch_size=3) + ["--resume", "latest"])
+
+
+def test_early_stopping(shards, tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    # lr 0: the validation loss never improves after the first validation
+    assert train.main(train_args(shards, tiny_ckpt, out, lr=0.0, max_steps=30, val_steps=2, save_steps=0)
+                      + ["--early_stopping_patience", "2"]) == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("split") == "val"] == [0, 2, 4]
+    assert [r for r in recs if r.get("event") == "early_stop"][0]["best_step"] == 0
+    final = json.loads((out / "final" / "final.json").read_text())
+    assert final["stop_reason"] == "early_stop" and final["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# units
+
+
+def test_val_split_is_deterministic_and_shared_across_world_sizes(shards):
+    ds = ShardDataset(shards)
+    train_idx, val_idx = ds.split(0.2)
+    assert (train_idx, val_idx) == ShardDataset(shards).split(0.2) and val_idx
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(ds)
+    for world in (1, 2, 3, 8):
+        per_rank = [val_batches(ds, val_idx, 2, r, world) for r in range(world)]
+        flat = sorted(i for rank in per_rank for b in rank for i in b)
+        assert flat == sorted(val_idx)  # every val sample exactly once, whatever the world size
+        assert max(len(b) for b in per_rank) <= val_batch_count(len(val_idx), 2, world)
+
+
+def test_lr_schedules():
+    assert warmup_steps(0.1, 200) == 20 and warmup_steps(5, 200) == 5
+    cos, lin, const = (lr_factor(k, 4, 20) for k in ("cosine", "linear", "constant"))
+    assert [cos(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cos(4) == lin(4) == const(4) == 1.0
+    assert cos(12) == pytest.approx(0.5) and lin(12) == pytest.approx(0.5) and const(19) == 1.0
+    assert cos(20) == pytest.approx(0.0) and lin(20) == 0.0
+    assert all(cos(s) >= cos(s + 1) for s in range(4, 20))
