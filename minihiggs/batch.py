@@ -27,6 +27,7 @@ import torch
 
 from .config import HiggsConfig
 from .sample import Sample
+from .whisper import whisper_rows
 
 IGNORE = -100
 
@@ -55,12 +56,6 @@ def segment_columns(codes: torch.Tensor, cfg: HiggsConfig, trained: bool) -> tup
     if not trained:
         labels = torch.full_like(labels, IGNORE)
     return inputs, labels
-
-
-def whisper_rows(mel_len: int) -> int:
-    """Merged rows produced by the Whisper tower for a chunk with `mel_len` valid mel frames (25 per second)."""
-    conv = (mel_len - 1) // 2 + 1
-    return (conv - 2) // 2 + 1
 
 
 @dataclass

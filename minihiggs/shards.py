@@ -32,6 +32,7 @@ import numpy as np
 
 from .mel import pack_features
 from .sample import Sample
+from .whisper import whisper_rows
 
 FORMAT = "minihiggs-shards"
 VERSION = 1
@@ -46,12 +47,6 @@ class ShardError(RuntimeError):
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
-
-
-def whisper_rows(valid_frames: int) -> int:
-    """Merged rows one Whisper chunk contributes (the tower's conv stride 2 then avg-pool 2)."""
-    l1 = (int(valid_frames) - 1) // 2 + 1
-    return (l1 - 2) // 2 + 1
 
 
 def estimated_length(n_tokens: int, frames: list[int], whisper_valid: list[int] | None = None) -> int:

@@ -115,6 +115,12 @@ class WhisperConfig:
         return cfg
 
 
+def whisper_rows(valid_frames: int) -> int:
+    """Sequence rows one chunk contributes: conv stride 2 then avg-pool 2 over its valid mel frames (25 per second)."""
+    conv = (int(valid_frames) - 1) // 2 + 1
+    return (conv - 2) // 2 + 1
+
+
 def feature_lengths(feature_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid conv frames L1, valid output rows) per chunk from a [n, frames] mel mask (any int/bool dtype)."""
     m = feature_mask.to(torch.long).sum(-1)

@@ -68,7 +68,6 @@ def golden_samples(variant_dir: Path) -> list:
     Whisper features (tower variants) are taken from the collated batch.safetensors rows, in the order the
     reference fed them, so model parity is tested independently of the log-mel implementation.
     """
-    import torch
     from safetensors.torch import load_file
 
     from minihiggs.sample import Sample

@@ -38,25 +38,11 @@ def test_golden_lora_sets_present():
         assert (v / "lora_adapter" / ADAPTER_CONFIG).is_file(), v
 
 
-def _has_tower(v: Path) -> bool:
-    return not json.loads((v / "config.json").read_text()).get("skip_audio_tower", True)
-
-
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda p: p.name)
 def variant(request, tmp_path_factory):
-    """(variant dir, loadable checkpoint dir). Skips a Whisper-tower variant only while minihiggs.model
-    cannot build the audio tower at all (an ImportError from minihiggs or NotImplementedError)."""
+    """(variant dir, loadable checkpoint dir). Every variant runs, Whisper-tower ones included."""
     v = request.param
-    d = model_dir(v, tmp_path_factory.mktemp("ckpt"))
-    try:
-        load_model(d)
-    except (ImportError, NotImplementedError) as e:
-        mod = getattr(e, "name", None) or ""
-        if _has_tower(v) and (isinstance(e, NotImplementedError) or mod.startswith("minihiggs")):
-            pytest.skip(f"{v.name}: minihiggs.model does not build the Whisper audio tower yet "
-                        f"({type(e).__name__}: {e})")
-        raise
-    return v, d
+    return v, model_dir(v, tmp_path_factory.mktemp("ckpt"))
 
 
 def _lora_model(d: Path, v: Path):

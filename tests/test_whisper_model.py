@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minihiggs import collate, load_model
-from minihiggs.batch import whisper_rows
+from minihiggs.whisper import whisper_rows
 from minihiggs.tiny import write_tiny_checkpoint
 from synth import AUDIO, synth_sample
 
