@@ -38,6 +38,9 @@ import os
 import queue as queue_mod
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +90,19 @@ def resolve_base(base: str) -> Path:
 
 
 def model_settings(config: dict) -> dict:
-    """The config fields prep needs (upstream HiggsAudioConfig defaults when a field is absent)."""
-    whisper = bool(config.get("encode_whisper_embed", True)) and not bool(config.get("skip_audio_tower", False))
-    return {"num_codebooks": int(config.get("audio_num_codebooks", 12)),
-            "codebook_size": int(config.get("audio_codebook_size", 1024)),
-            "audio_in_token_id": int(config.get("audio_in_token_idx", 128015)),
-            "audio_out_token_id": int(config.get("audio_out_token_idx", 128016)),
-            "whisper": whisper}
+    """The config fields prep needs, read by the same `HiggsConfig.from_dict` the trainer uses (so an absent
+    field means the same thing on both sides: the model's defaults, e.g. no Whisper tower and 8 codebooks)."""
+    from minihiggs.config import ConfigError, HiggsConfig
+
+    try:
+        cfg = HiggsConfig.from_dict(config)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise PrepError(f"config.json of --base_ckpt: {e}") from None
+    return {"num_codebooks": int(cfg.audio_num_codebooks),
+            "codebook_size": int(cfg.audio_codebook_size),
+            "audio_in_token_id": int(cfg.audio_in_token_id),
+            "audio_out_token_id": int(cfg.audio_out_token_id),
+            "whisper": bool(cfg.uses_whisper_features)}
 
 
 def file_sha256(path: Path) -> str:
@@ -586,7 +595,7 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
                    "manifest_sha256": file_sha256(manifest), "shard_size": shard_size,
                    "voice_clone": bool(voice_clone) if kind == "plain" else False,
                    "scene_prompt": scene_prompt if kind == "plain" else None, "max_tokens": max_tokens,
-                   "tokenizer": tok.fingerprint, **ms}
+                   "tokenizer": tok.fingerprint, "codec": str(codec), **ms}
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "prep_state.json"
     if state_path.exists():
@@ -648,32 +657,49 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
             for j in todo:
                 results.append(w.run(j))
         else:
+            # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, a crash in
+            # native code, a failing initializer) breaks the executor and every pending future raises, where
+            # Pool silently replaces the worker and waits forever for the lost shard.
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(settings, q)) as pool:
-                pending = [pool.apply_async(_run_job, (j,)) for j in todo]
+            ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(settings, q))
+            ok = False
+            try:
+                pending = {ex.submit(_run_job, j) for j in todo}
                 while pending:
                     try:
                         while True:
                             on_progress(*q.get(timeout=0.2))
                     except queue_mod.Empty:
                         pass
-                    still = []
-                    for r in pending:
-                        if r.ready():
-                            res = r.get()
-                            if "failed" in res:
-                                raise PrepError(f"worker failed on {res['name']}: {res['failed']}\n"
-                                                f"{res['traceback']}")
-                            results.append(res)
-                        else:
-                            still.append(r)
-                    pending = still
+                    finished, pending = futures_wait(pending, timeout=0)
+                    for f in finished:
+                        try:
+                            res = f.result()
+                        except BrokenProcessPool:
+                            raise PrepError("a worker process died (killed for memory, or crashed); finished "
+                                            "shards are kept: re-run the same command to resume") from None
+                        if "failed" in res:
+                            raise PrepError(f"worker failed on {res['name']}: {res['failed']}\n"
+                                            f"{res['traceback']}")
+                        results.append(res)
                 try:
                     while True:
                         on_progress(*q.get(timeout=0.05))
                 except queue_mod.Empty:
                     pass
+                ok = True
+            finally:
+                if ok:
+                    ex.shutdown(wait=True)
+                else:  # stop the other workers now (their half-written shards are redone on resume)
+                    procs = list((getattr(ex, "_processes", None) or {}).values())
+                    ex.shutdown(wait=False, cancel_futures=True)
+                    for p in procs:
+                        p.terminate()
+                    for p in procs:
+                        p.join()
     finally:
         bar.close()
     elapsed = time.time() - t_run

@@ -5,14 +5,18 @@ Rules (upstream `prepare_chatml_sample`):
   (labels -100);
 * an assistant `recipient` adds `{recipient}<|recipient|>` (always labelled, as upstream does);
 * text items are tokenized with special tokens recognised; labelled when the role is assistant and
-  (`start_index` is None or turn >= start_index);
+  (`start_index` is None or turn >= start_index). Special tokens in text: upstream's HF tokenizer turns a
+  special-token string anywhere in the text into that token, and so do we (deliberately: the TTS system prompt
+  relies on `<|scene_desc_start|>`, and ids must equal upstream's), so `<|eot_id|>` typed in a transcript
+  becomes a real turn end, as it would upstream. The one exception is the audio placeholders (below);
 * audio items: user/system -> `<|audio_bos|><|AUDIO|><|audio_eos|>` (labels -100), assistant ->
   `<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>` (labelled under the same condition as text);
 * a turn ends with `<|eom_id|>` when the next turn is also the assistant's, else `<|eot_id|>`; labelled under
   the same condition.
 
 Stricter than upstream (upstream misaligns audio silently in these cases; we reject the sample):
-unknown roles, unknown fields, text containing `<|AUDIO|>` / `<|AUDIO_OUT|>`, a recipient on a non-assistant turn.
+unknown roles, unknown fields, text or a recipient containing `<|AUDIO|>` / `<|AUDIO_OUT|>`, a recipient on a
+non-assistant turn.
 
 Manifest extensions: a top-level `"id"` (sample id), and `"audio_codes": "codes.npy"` on an audio item
 (precomputed int codes [num_codebooks, frames]; then `audio_url` is only needed for Whisper features).
@@ -209,6 +213,9 @@ def encode_chatml(sample: ChatMLSample, tok) -> Encoded:
         labels += [IGNORE] * len(p)
         if m.get("recipient"):
             r = tok.encode(f"{m['recipient']}<|recipient|>")
+            if audio_in_id in r or audio_out_id in r:
+                raise ManifestError(f"messages[{t}]: recipient contains an audio placeholder token "
+                                    "(<|AUDIO|> / <|AUDIO_OUT|>); it would misalign the audio")
             ids += r
             labels += r
         for item in m["content"]:

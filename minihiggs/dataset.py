@@ -67,10 +67,11 @@ class ShardDataset(torch.utils.data.Dataset):
         self.sources: list[str] = []
         for k, entry in enumerate(index["shards"]):
             name = entry["name"]
-            meta = read_shard_meta(self.path, name)
+            meta, meta_digest = read_shard_meta(self.path, name, with_digest=True)
             bin_path = self.path / f"{name}.bin"
             if meta["bytes"] != entry["bytes"] or meta["sha256"] != entry["sha256"] \
-                    or len(meta["samples"]) != entry["samples"]:
+                    or len(meta["samples"]) != entry["samples"] \
+                    or entry.get("meta_sha256", meta_digest) != meta_digest:
                 raise ShardError(f"{self.path / (name + '.json')}: does not match index.json "
                                  "(shard rewritten after the index was made?)")
             if not bin_path.is_file():

@@ -5,7 +5,8 @@ A prepared directory holds:
 * `index.json` — written last, when prep finished: `format` ("minihiggs-shards"), `version`, the model-side
   settings the shards were made for (`num_codebooks`, `codebook_size`, `audio_in_token_id`,
   `audio_out_token_id`, `whisper`, `mel_bins`, `tokenizer`), and `shards`: one entry per shard with `name`,
-  `bytes`, `sha256` and `samples`.
+  `bytes`, `sha256` (of NAME.bin), `samples` and `meta_sha256` (of NAME.json: the per-sample offsets, lengths
+  and frame counts that the reader trusts are covered too).
 * per shard `NAME.bin` — flat little-endian arrays, one contiguous 8-byte-aligned region per sample:
   `input_ids` int32 [n], `label_ids` int32 [n], then every code segment as int16 [num_codebooks, frames]
   (row-major, in placeholder order), zero padding to 4 bytes, then every Whisper feature chunk as float32
@@ -165,19 +166,21 @@ class ShardWriter:
                 self.tmp.unlink()
 
 
-def read_shard_meta(out_dir: str | os.PathLike, name: str) -> dict:
+def read_shard_meta(out_dir: str | os.PathLike, name: str, with_digest: bool = False):
+    """NAME.json as a dict; with `with_digest`, (dict, sha256 of the file's bytes)."""
     path = Path(out_dir) / f"{name}.json"
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        raw = path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ShardError(f"{path}: shard index missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: shard index is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ShardError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = meta if isinstance(meta, dict) else {}
+        raise ShardError(f"{path}: format {got.get('format')!r} version {got.get('version')!r}, "
                          f"this minihiggs reads {FORMAT!r} version {VERSION}")
-    return meta
+    return (meta, hashlib.sha256(raw).hexdigest()) if with_digest else meta
 
 
 def write_index(out_dir: str | os.PathLike, names: list[str], settings: dict) -> dict:
@@ -186,9 +189,9 @@ def write_index(out_dir: str | os.PathLike, names: list[str], settings: dict) ->
     out_dir = Path(out_dir)
     shards, n, seconds = [], 0, 0.0
     for name in names:
-        meta = read_shard_meta(out_dir, name)
+        meta, digest = read_shard_meta(out_dir, name, with_digest=True)
         shards.append({"name": name, "bytes": meta["bytes"], "sha256": meta["sha256"],
-                       "samples": len(meta["samples"])})
+                       "samples": len(meta["samples"]), "meta_sha256": digest})
         n += len(meta["samples"])
         seconds += sum(r["duration"] for r in meta["samples"])
     index = {"format": FORMAT, "version": VERSION, "mel_bins": 128, **settings, "num_samples": n,

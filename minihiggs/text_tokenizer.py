@@ -5,6 +5,11 @@ No `transformers` / `tokenizers` at run time. The ids equal what the checkpoint'
 
 * BPE ranks: `model.vocab` maps byte-level strings (GPT-2 `bytes_to_unicode` alphabet) to ids; mapped back to
   raw bytes they are tiktoken's mergeable ranks (Llama-3's merges are in id order, so rank BPE == merge BPE).
+* `model.ignore_merges`: tiktoken always looks a whole pre-token up in the vocab first, which is what HF does
+  only with `ignore_merges: true`. Without it (false or absent, HF's default) HF runs the merges even for a
+  pre-token that is itself a vocab entry, and a few hundred Llama-3 entries cannot be built by the merges
+  (e.g. ' việc', 'ıldı', ' характ'): HF splits them. Those entries are then left out of the ranks (the merges
+  never produce them, in any context), so tiktoken splits them too; decode still knows them.
 * Pre-tokenizer: the `Split` regex of `tokenizer.json` (the Llama-3 pattern; used as the default when the file
   has none).
 * Special tokens: `added_tokens` of `tokenizer.json`, overridden by `added_tokens_decoder` of
@@ -81,13 +86,40 @@ def _split_pattern(pre_tokenizer: dict | None) -> str | None:
     return None
 
 
+def _rank_bpe(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """tiktoken's merge loop (lowest-rank adjacent pair first, leftmost on ties) without the whole-piece lookup."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (best_rank is None or r < best_rank):
+                best_rank, best_i = r, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+_UNREACHABLE: dict[str, dict[bytes, int]] = {}  # by tokenizer.json digest: the scan takes ~1 s
+
+
+def unreachable_tokens(ranks: dict[bytes, int]) -> dict[bytes, int]:
+    """Vocab entries that BPE merging cannot build from their own bytes (only a whole-piece lookup yields them).
+    A merge sequence inside a token's span does not depend on its neighbours (they can only take bytes away), so
+    such an entry is never produced by merging in any text. (Two-byte entries are always reachable.)"""
+    return {b: i for b, i in ranks.items() if len(b) > 2 and _rank_bpe(b, ranks) != [b]}
+
+
 class TextTokenizer:
     """Thin wrapper over a tiktoken Encoding with the HF-compatible defaults used by prep."""
 
-    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], source: str = ""):
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], source: str = "",
+                 extra_decoder: dict[int, bytes] | None = None):
         self.encoding = encoding
         self.special_tokens = dict(special_tokens)
         self.source = source
+        self._extra_decoder = dict(extra_decoder or {})  # vocab ids left out of the ranks (see ignore_merges)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "TextTokenizer":
@@ -109,6 +141,14 @@ class TextTokenizer:
                 ranks[bytes(dec[ch] for ch in tok)] = int(idx)
             except KeyError as e:
                 raise ValueError(f"{tj}: vocab entry {tok!r} is not byte-level BPE") from e
+        extra: dict[int, bytes] = {}
+        if not model.get("ignore_merges", False):
+            key = hashlib.sha256(raw).hexdigest()
+            if key not in _UNREACHABLE:
+                _UNREACHABLE[key] = unreachable_tokens(ranks)
+            for b, i in _UNREACHABLE[key].items():
+                del ranks[b]
+                extra[i] = b
         specials: dict[str, int] = {}
         for t in data.get("added_tokens", []):
             specials[t["content"]] = int(t["id"])
@@ -123,13 +163,13 @@ class TextTokenizer:
                 by_id.update(overrides)
                 specials = {s: i for i, s in by_id.items()}
         # A special token must not shadow a BPE id.
-        bpe_ids = set(ranks.values())
+        bpe_ids = set(ranks.values()) | set(extra)
         specials = {s: i for s, i in specials.items() if i not in bpe_ids}
         pattern = _split_pattern(data.get("pre_tokenizer")) or LLAMA3_PATTERN
         digest = hashlib.sha256(raw + b"\0" + cfg_bytes).hexdigest()[:16]
         enc = tiktoken.Encoding(name=f"hf-{digest}", pat_str=pattern, mergeable_ranks=ranks,
                                 special_tokens=specials)
-        return cls(enc, specials, source=str(path))
+        return cls(enc, specials, source=str(path), extra_decoder=extra)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
@@ -139,7 +179,22 @@ class TextTokenizer:
         return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
-        return self.encoding.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if not self._extra_decoder or not any(i in self._extra_decoder for i in ids):
+            return self.encoding.decode(ids)
+        out, run = [], []
+        for i in ids:
+            b = self._extra_decoder.get(i)
+            if b is None:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.encoding.decode_bytes(run))
+                run = []
+            out.append(b)
+        if run:
+            out.append(self.encoding.decode_bytes(run))
+        return b"".join(out).decode("utf-8", errors="replace")
 
     def token_id(self, content: str) -> int:
         """Id of a special token by its content, e.g. token_id('<|AUDIO|>')."""

