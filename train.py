@@ -25,6 +25,7 @@ import json
 import math
 import shlex
 import signal
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -44,9 +45,11 @@ from minihiggs.trainer import checkpointing as ckpt_io  # noqa: E402
 from minihiggs.trainer.data import (check_dataset, collate_ids, train_loader, val_batch_count,  # noqa: E402
                                     val_batches)
 from minihiggs.trainer.distributed import (DistEnv, all_reduce_sum, cleanup,  # noqa: E402
-                                           full_value, gradient_sync, init_distributed, is_fsdp, unwrap, wrap_model)
+                                           drop_globally_unused_grads, full_value, gradient_sync, init_distributed,
+                                           is_fsdp, unwrap, wrap_model)
 from minihiggs.trainer.metrics import MetricsLog  # noqa: E402
-from minihiggs.trainer.schedule import SCHEDULES, build_scheduler, warmup_steps  # noqa: E402
+from minihiggs.trainer.schedule import (SCHEDULES, build_scheduler, load_scheduler_state,  # noqa: E402
+                                        warmup_steps)
 
 MAX_NONFINITE_IN_A_ROW = 5
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -167,6 +170,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], device: torch
             (sums.normalized(text_denom, audio_denom) * world_size).backward()
         total = sums.detach() if total is None else total + sums.detach()
         tokens += b.num_tokens
+    drop_globally_unused_grads(model)  # (FSDP2: None, not zeros, for what no rank used, as one process has)
     assert total is not None
     return StepResult(total, tokens)
 
@@ -292,8 +296,8 @@ def run(args: argparse.Namespace, env: DistEnv, argv: list[str]) -> int:
     step, epoch, batches_done, tokens_seen = 0, 0, 0, 0
     best_val, best_step, bad_evals = math.inf, None, 0
     if state is not None:
-        ckpt_io.load_optimizer_state(optimizer, train_model, state["optimizer"], env)  # restores the param lrs
-        scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.load_optimizer_state(optimizer, train_model, state["optimizer"], env)
+        load_scheduler_state(scheduler, state["scheduler"], args.lr)  # the step count; --lr and shape from now
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         tokens_seen = state.get("tokens", 0)
         best_val = state["best_val"] if state.get("best_val") is not None else math.inf
@@ -502,4 +506,12 @@ def render_plot(out: Path, main_rank: bool) -> Path | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        # Everything is saved and the process group is destroyed. Skip interpreter teardown: with FSDP2 on gloo
+        # it aborts now and then ("terminate called without an active exception", torch 2.13), which would
+        # turn a finished run into a failed exit code under torchrun.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)

@@ -333,3 +333,61 @@ def test_lr_schedules():
     assert cos(12) == pytest.approx(0.5) and lin(12) == pytest.approx(0.5) and const(19) == 1.0
     assert cos(20) == pytest.approx(0.0) and lin(20) == 0.0
     assert all(cos(s) >= cos(s + 1) for s in range(4, 20))
+
+
+def test_resume_from_an_earlier_checkpoint_with_a_new_lr_and_max_steps(straight, shards, tiny_ckpt, tmp_path):
+    """Resume step 6 of a 12-step run with another --lr and --max_steps into the same output dir (allowed: see
+    check_resume_compatible). The LR is the *new* base times the *new* schedule from the first resumed update on
+    (LambdaLR.load_state_dict alone kept the old base LR forever and the old shape for one step), and the
+    checkpoint written at the end is kept: the old history's later checkpoints (step 12) are removed, not counted
+    against --keep_checkpoints (which pruned the new step-8 and left `latest` on the abandoned step 12)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [6, 12]
+    argv = train_args(shards, tiny_ckpt, out, lora_dropout=0.2, lr=5e-4, max_steps=8, log_steps=1, save_steps=0,
+                      val_steps=0, keep_checkpoints=1)
+    assert train.main(argv + ["--resume", str(out / "checkpoints" / "step-00000006")]) == 0
+    f = lr_factor("cosine", 2, 8)
+    recs = read_metrics(out / "metrics.jsonl")
+    lrs = {r["step"]: r["lr"] for r in recs if r.get("split") == "train" and r["step"] > 6}
+    assert lrs == {7: 5e-4 * f(6), 8: 5e-4 * f(7)}
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [8]
+    assert ckpt_io.latest_checkpoint(out).name == "step-00000008"
+    state = ckpt_io.load_trainer_state(ckpt_io.latest_checkpoint(out))
+    assert state["scheduler"]["base_lrs"] == [5e-4] and state["scheduler"]["last_epoch"] == 8
+
+
+def test_checkpoint_is_fsynced_before_it_is_renamed_into_place(tiny_ckpt, tmp_path, monkeypatch):
+    """Every file of a checkpoint and its directory reach the disk before the rename that makes it `step-N`,
+    and the parent directory after it: otherwise a power loss can leave a `step-N` of empty files, which
+    `latest` would choose (and the older checkpoints may already be pruned)."""
+    import os
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to name an fsync'ed descriptor")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(target)))
+        return real_rename(self, target)
+
+    model = load_model(tiny_ckpt)
+    apply_lora(model, r=4, alpha=8, seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    env = train.DistEnv(0, 0, 1, torch.device("cpu"), False)
+    monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    final = ckpt_io.save_checkpoint(tmp_path, 3, model, opt, {"epoch": 0}, {"argv": []}, env, str(tiny_ckpt), 2)
+    assert final == tmp_path / "checkpoints" / "step-00000003" and (final / ckpt_io.STATE_FILE).is_file()
+    i = events.index(("rename", str(final)))
+    synced = {Path(p).name for kind, p in events[:i] if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} <= synced  # every file, under its temporary directory
+    assert any(Path(p).name.startswith(".tmp-step-00000003") for kind, p in events[:i] if kind == "fsync")
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[i + 1:]

@@ -13,14 +13,18 @@ Layout (all under `--output_dir`):
     final/                              adapter at the end of training (+ final.json)
     metrics.jsonl, loss.png
 
-A checkpoint is written into `checkpoints/.tmp-step-.../` and renamed to `step-N` only once complete, so a crash
-at any point leaves every `step-N` directory whole; `.tmp-*` leftovers are ignored and removed at the next start.
-Old checkpoints are renamed away before deletion for the same reason.
+A checkpoint is written into `checkpoints/.tmp-step-.../`, its files and the directory fsync'ed, and renamed to
+`step-N` only then (the parent fsync'ed after), so a crash or a power loss at any point leaves every `step-N`
+directory whole: without the fsyncs the rename can reach the disk before the data, and `latest` would pick a
+checkpoint of empty files. `.tmp-*` leftovers are ignored and removed at the next start. Old checkpoints are
+renamed away before deletion for the same reason. Pruning counts back from the checkpoint just written;
+checkpoints of later steps belong to a history abandoned by resuming from an earlier one and are removed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -187,16 +191,44 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
             summary = {k: v for k, v in full.items() if k not in ("optimizer", "scheduler", "rng")}
             (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str))
             (tmp / ARGS_FILE).write_text(json.dumps(args_record, indent=2, default=str))
+            _fsync_tree(tmp)  # the data on disk before the name that makes it a checkpoint
             if final.exists():  # the same step saved twice (e.g. --save_steps hit on the last step): replace
                 _remove(final)
             tmp.rename(final)
             tmp = None
-            prune(output_dir, keep)
+            _fsync_dir(root)
+            prune(output_dir, keep, current=step)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return final
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # platforms / file systems where a directory cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # (some file systems refuse fsync on a directory; the files' fsync still holds)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(d: Path) -> None:
+    """fsync every file under `d`, then the directories (deepest first), so the tree is durable."""
+    dirs = [d]
+    for p in sorted(d.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for x in reversed(dirs):
+        _fsync_dir(x)
 
 
 def _remove(d: Path) -> None:
@@ -206,8 +238,17 @@ def _remove(d: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prune(output_dir: str | Path, keep: int) -> None:
+def prune(output_dir: str | Path, keep: int, current: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints (0: all) up to step `current`, the one just written (never pruned).
+    Checkpoints of later steps come from the history this run left by resuming an earlier checkpoint (its
+    metrics were truncated there too): superseded, so removed. Counted instead, they pruned this run's newest
+    checkpoint, and `latest` picked them over it."""
     ckpts = list_checkpoints(output_dir)
+    if current is not None:
+        for s, d in ckpts:
+            if s > current:
+                _remove(d)
+        ckpts = [(s, d) for s, d in ckpts if s <= current]
     if keep > 0:
         for _, d in ckpts[:-keep]:
             _remove(d)

@@ -112,7 +112,15 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
 
     FSDP2 shards every decoder layer and then the root (embeddings, heads, the tower and everything else). The
     Whisper tower is deliberately *not* its own FSDP unit: its forward runs only for batches with audio-in, and
-    a unit whose all-gather runs on some ranks only would deadlock.
+    a unit whose all-gather runs on some ranks only would deadlock. A tower carrying LoRA (--lora_targets
+    audio_tower.*) on a rank without audio-in must not change the collectives either, hence two more settings:
+    the root reduce-scatters zeros for parameters without a gradient on this rank (FSDP2 otherwise sends only
+    those with one: the FSDP2 counterpart of find_unused_parameters), and the embedding output always requires
+    grad, so that every decoder unit's post-backward reduce-scatter fires from autograd in the same order on
+    every rank (otherwise a rank whose first layer input needs no grad defers that unit's reduce-scatter to the
+    end of backward, behind the root's, and the ranks' collectives cross). Parameters that got no gradient on
+    *any* rank then hold zeros where one process (and DDP) leave None, which AdamW would not skip: see
+    `drop_globally_unused_grads`.
     """
     if fsdp:
         if not env.initialized:
@@ -127,6 +135,9 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        model.set_reduce_scatter_unused_params(True)
+        model.embed_tokens.register_forward_hook(_output_requires_grad)
+        _track_conditional_use(model)
         return model
     if env.initialized and env.world_size > 1:
         ids = [env.device.index] if env.device.type == "cuda" else None
@@ -137,6 +148,57 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
                    else {"broadcast_buffers": False})
         return ddp(model, device_ids=ids, find_unused_parameters=True, gradient_as_bucket_view=True, **no_sync)
     return model
+
+
+def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    """Forward hook: a frozen module's output requires grad (while grad is enabled) whatever its inputs."""
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _mark_used(module: nn.Module, args: Any, output: Any) -> None:
+    if torch.is_grad_enabled():
+        module._minihiggs_used = True
+
+
+def _track_conditional_use(model: nn.Module) -> None:
+    """Record, per training forward, whether each LoRA module outside the decoder layers ran (the Whisper tower
+    and its projector run only for batches with audio-in). The hook sits on the LoRALinear itself: it reads its
+    lora_A / lora_B weights directly, never calling them. The decoder layers run every module on every batch (no
+    data-dependent control flow), so their parameters are always used; they are also the compiled part, kept
+    free of these hooks."""
+    from ..lora import LoRALinear
+
+    in_layers = {id(m) for layer in model.layers for m in layer.modules()}
+    owners = [m for m in model.modules() if isinstance(m, LoRALinear) and id(m) not in in_layers
+              and any(p.requires_grad for p in m.parameters())]
+    for m in owners:
+        m._minihiggs_used = False
+        m.register_forward_hook(_mark_used)
+    model._minihiggs_conditional = owners  # a plain list attribute (not registered as submodules)
+
+
+def drop_globally_unused_grads(module: nn.Module) -> None:
+    """FSDP2, after the step's last backward: set to None the gradients of parameters that no rank used in any
+    micro-batch of the step. Reduce-scattering unused parameters (see `wrap_model`) gave them zeros, and AdamW
+    updates a zero gradient (its moments keep moving the weights) where one process and DDP skip the parameter.
+    One small all-reduce per step; a no-op for DDP and one device."""
+    owners = getattr(module, "_minihiggs_conditional", None)
+    if not owners or not is_fsdp(module):
+        return
+    used = torch.tensor([float(m._minihiggs_used) for m in owners], device=_param_device(module))
+    used = all_reduce_max(used)
+    for m, u in zip(owners, used.tolist()):
+        m._minihiggs_used = False
+        if not u:
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.grad = None
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters())
+    return p.device if type(p).__name__ != "DTensor" else p.to_local().device
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -50,3 +50,21 @@ def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
                     total: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(kind, warmup, total))
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, lr: float) -> None:
+    """Resume `scheduler` (built from the current command line) at the saved step count.
+
+    `LambdaLR.load_state_dict` alone would also bring back the old run's base LRs, and the optimizer's saved
+    param groups hold the LR the *old* schedule picked for the next update: a resume with another `--lr`,
+    `--max_steps` or `--lr_schedule` would silently keep the old LR (the base forever, the shape for one step).
+    The step count comes from the checkpoint; the base LR and the shape from now. With unchanged settings the
+    LRs are bitwise the ones the uninterrupted run uses (the same `base * factor(step)` expression).
+    Call after the optimizer's state is loaded."""
+    scheduler.load_state_dict(state)
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [float(lr) for _ in groups]
+    for g, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["initial_lr"] = base
+        g["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
