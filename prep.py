@@ -268,6 +268,10 @@ class Worker:
         if self.codec is None:
             from minihiggs.codec import AudioTokenizer
 
+            if not str(self.s["device"]).startswith("cuda"):
+                from minihiggs.malloc import keep_large_allocations_in_heap
+
+                keep_large_allocations_in_heap()
             try:
                 self.codec = AudioTokenizer.from_pretrained(self.s["codec"], device=self.s["device"])
             except Exception as e:

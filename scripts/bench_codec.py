@@ -70,8 +70,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--default_malloc", action="store_true", help="CPU: keep glibc's default mmap behaviour")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.default_malloc:
+        from minihiggs.malloc import keep_large_allocations_in_heap
+
+        keep_large_allocations_in_heap()  # as prep.py does for a CPU codec
 
     t = time.perf_counter()
     tok = load(args.model, args.device)

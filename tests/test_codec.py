@@ -161,6 +161,25 @@ def test_encode_batch_matches_single(codec, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_batched_acoustic_encoder_and_decoder_match_per_clip(codec, variant):
+    """On CPU the DAC encoder and decoder run clip by clip (faster there); CUDA runs them batched. Both give
+    the same latents and waves, so results do not depend on the device's choice."""
+    tok = codec(variant)
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy((0.3 * rng.standard_normal((3, 1, 9600))).astype(np.float32))
+    with torch.inference_mode():
+        batched = tok.encoder(x)
+        looped = torch.cat([tok.encoder(x[i : i + 1]) for i in range(3)])
+    assert batched.shape == (3, tok.cfg.D, tok.encoder.frames(9600))
+    assert torch.allclose(batched, looped, atol=1e-5, rtol=0), (batched - looped).abs().max()
+    with torch.inference_mode():
+        waves = tok.decoder_2(batched)
+        waves_looped = torch.cat([tok.decoder_2(batched[i : i + 1]) for i in range(3)])
+    assert waves.shape == (3, 1, tok.hop_length * batched.shape[-1])
+    assert torch.allclose(waves, waves_looped, atol=1e-5, rtol=0), (waves - waves_looped).abs().max()
+
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_frame_count_formula(codec, variant):
     """frames(n) agrees with the README's closed forms, including the acoustic re-pad rule."""
     tok = codec(variant)
@@ -312,3 +331,37 @@ def test_offline_hub_miss_names_the_files(monkeypatch, tmp_path):
     assert "config.json" in str(e.value) and "model.pth" in str(e.value)
     with pytest.raises(FileNotFoundError):
         AudioTokenizer.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_cpu_codec_malloc_tuning_keeps_large_buffers_in_heap():
+    """minihiggs.malloc (used by prep.py for a CPU codec): a freed 200 MB tensor's memory is reused by the next
+    one instead of a fresh mmap. Run in a subprocess: the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = r"""
+import torch
+from minihiggs.malloc import keep_large_allocations_in_heap
+
+def big_mmaps():
+    # anonymous mappings (five fields: no path, so not the [heap]) of at least 190 MB
+    n = 0
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        n += len(parts) == 5 and (hi - lo) >= 190 << 20
+    return n
+
+before = big_mmaps()
+a = torch.ones(50_000_000); default_mmaps = big_mmaps() - before; del a
+assert keep_large_allocations_in_heap() and keep_large_allocations_in_heap()  # idempotent
+b = torch.ones(50_000_000); tuned_mmaps = big_mmaps() - before
+assert float(b.sum()) == 5e7
+print(default_mmaps, tuned_mmaps)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert r.returncode == 0, r.stderr
+    default_mmaps, tuned_mmaps = map(int, r.stdout.split())
+    assert default_mmaps == 1, "glibc served a 200 MB tensor without a dedicated mmap by default?"
+    assert tuned_mmaps == 0, "after tuning, a 200 MB tensor still got its own mmap"
