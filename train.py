@@ -39,8 +39,11 @@ if str(REPO) not in sys.path:
 
 from minihiggs import DEFAULT_REPO, LossSums, load_model  # noqa: E402
 from minihiggs.batch import Batch  # noqa: E402
+from minihiggs.checkpoint import CheckpointError  # noqa: E402
+from minihiggs.config import ConfigError  # noqa: E402
 from minihiggs.dataset import BucketBatchSampler, ShardDataset  # noqa: E402
 from minihiggs.lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
+from minihiggs.shards import ShardError  # noqa: E402
 from minihiggs.trainer import checkpointing as ckpt_io  # noqa: E402
 from minihiggs.trainer.data import (check_dataset, collate_ids, train_loader, val_batch_count,  # noqa: E402
                                     val_batches)
@@ -216,6 +219,9 @@ def check_resume_compatible(state: dict, args: argparse.Namespace, env: DistEnv,
                          + "\n  ".join(problems))
 
 
+USER_INPUT_ERRORS = (ShardError, CheckpointError, ConfigError, ckpt_io.ResumeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = init_distributed()
@@ -224,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         code = run(args, env, argv if argv is not None else sys.argv[1:])
         ok = True
         return code
+    except USER_INPUT_ERRORS as e:
+        # Bad shards, checkpoint, config or --resume target: the message names the file and field, and a
+        # traceback would only bury it.
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     finally:
         # After an exception on one rank the others may be stuck in a collective: no barrier then.
         if ok:

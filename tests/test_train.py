@@ -297,6 +297,22 @@ def test_refuses_to_mix_runs_in_one_output_dir(straight, shards, tiny_ckpt):
         train.main(train_args(shards, tiny_ckpt, straight, batch_size=3) + ["--resume", "latest"])
 
 
+def test_bad_inputs_are_one_clear_line_not_a_traceback(shards, tiny_ckpt, tmp_path, capsys):
+    """Missing shards, a broken checkpoint, a bad --resume: exit 2 with the file named, no traceback."""
+    broken = tmp_path / "broken_ckpt"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(tiny_ckpt) / "config.json").read_text())  # no weights
+    cases = [
+        (train_args(tmp_path / "no_shards", tiny_ckpt, tmp_path / "o1"), "no_shards/index.json: not found"),
+        (train_args(shards, broken, tmp_path / "o2"), str(broken)),
+        (train_args(shards, tiny_ckpt, tmp_path / "o3") + ["--resume", str(tmp_path)], "--resume"),
+    ]
+    for argv, expect in cases:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train.py: error: ") and expect in err and "Traceback" not in err, err
+
+
 def test_early_stopping(shards, tiny_ckpt, tmp_path):
     out = tmp_path / "run"
     # lr 0: the validation loss never improves after the first validation
