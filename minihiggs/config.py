@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 @dataclass
@@ -88,6 +86,11 @@ class HiggsConfig:
     def codebook_stride(self) -> int:
         """Rows per codebook in the embedding/head: the codes plus the stream BOS and EOS."""
         return self.audio_codebook_size + 2
+
+    @property
+    def extra_audio_columns(self) -> int:
+        """Merged columns a code segment adds beyond its frames: stream BOS + EOS, plus K-1 for the delay pattern."""
+        return 2 + (self.audio_num_codebooks - 1 if self.use_delay_pattern else 0)
 
     @property
     def has_audio_tower(self) -> bool:

@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cpu" and not args.default_malloc:
-        from minihiggs.malloc import keep_large_allocations_in_heap
+        from minihiggs.codec.malloc import keep_large_allocations_in_heap
 
         keep_large_allocations_in_heap()  # as prep.py does for a CPU codec
 

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minihiggs import HiggsConfig, collate  # noqa: E402
-from minihiggs.lora import apply_lora  # noqa: E402
-from minihiggs.model import HiggsAudioModel  # noqa: E402
-from minihiggs.sample import Sample  # noqa: E402
-from minihiggs.tiny import tiny_config  # noqa: E402
+from minihiggs.lora.apply import apply_lora  # noqa: E402
+from minihiggs.model.higgs import HiggsAudioModel  # noqa: E402
+from minihiggs.data.sample import Sample  # noqa: E402
+from minihiggs.model.tiny import tiny_config  # noqa: E402
 
 PRESETS = {
     "tiny": dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=160, dual_layers=(0, 2)),

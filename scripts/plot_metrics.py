@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minihiggs.trainer.metrics import read_metrics, series  # noqa: E402
-from minihiggs.trainer.plot import render_metrics_png  # noqa: E402
+from minihiggs.metrics.jsonl import read_metrics, series  # noqa: E402
+from minihiggs.metrics.plot import render_metrics_png  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -9,3 +10,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # CI machines have 2 cores; keep runs deterministic and comparable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+N_TRAIN_SAMPLES = 40
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from a second thread, and when the cores are shared (CI neighbours, other
+    jobs) spinning OpenMP threads make every step 10-50x slower. Restored afterwards for the other modules.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The training tests' random checkpoint (helpers.TINY) on disk."""
+    from helpers import TINY
+
+    from minihiggs.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """A prepared directory of 40 synthetic samples (text, audio-in and audio-out of varied lengths)."""
+    from helpers import make_shards
+    from synth import synth_samples
+
+    return make_shards(tmp_path_factory.mktemp("data") / "prepared", synth_samples(N_TRAIN_SAMPLES, seed=1))

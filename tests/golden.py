@@ -70,7 +70,7 @@ def golden_samples(variant_dir: Path) -> list:
     """
     from safetensors.torch import load_file
 
-    from minihiggs.sample import Sample
+    from minihiggs.data.sample import Sample
 
     raw = load_file(str(Path(variant_dir) / "samples.safetensors"))
     batch = load_file(str(Path(variant_dir) / "batch.safetensors"))

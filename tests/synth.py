@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minihiggs.sample import Sample
+from minihiggs.data.sample import Sample
 
 BOS, SH, EH, NL, EOT = 128000, 128006, 128007, 271, 128009
 AUDIO_BOS, AUDIO_EOS, AUDIO_OUT_BOS, AUDIO, AUDIO_OUT = 128011, 128012, 128013, 128015, 128016

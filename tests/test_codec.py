@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from golden import CODEC_ROOT, materialized, variants
-from minihiggs.audio_io import resample
+from minihiggs.audio.io import resample
 from minihiggs.codec import AudioTokenizer, CheckpointError, CodecConfig
 from minihiggs.codec.loading import DEFAULT_REPO, convert_checkpoint, expected_tensors, read_checkpoint, unused_tensors
 
@@ -171,12 +171,14 @@ def test_batched_acoustic_encoder_and_decoder_match_per_clip(codec, variant):
         batched = tok.encoder(x)
         looped = torch.cat([tok.encoder(x[i : i + 1]) for i in range(3)])
     assert batched.shape == (3, tok.cfg.D, tok.encoder.frames(9600))
-    assert torch.allclose(batched, looped, atol=1e-5, rtol=0), (batched - looped).abs().max()
+    # fp32 summation order differs between a batched and a per-clip conv (MKL picks kernels by shape): on latents
+    # of magnitude ~4 that is ~1e-5 absolute, seen up to 1.8e-5 on some CPUs. A real bug is O(0.1).
+    assert torch.allclose(batched, looped, atol=1e-5, rtol=1e-5), (batched - looped).abs().max()
     with torch.inference_mode():
         waves = tok.decoder_2(batched)
         waves_looped = torch.cat([tok.decoder_2(batched[i : i + 1]) for i in range(3)])
     assert waves.shape == (3, 1, tok.hop_length * batched.shape[-1])
-    assert torch.allclose(waves, waves_looped, atol=1e-5, rtol=0), (waves - waves_looped).abs().max()
+    assert torch.allclose(waves, waves_looped, atol=1e-5, rtol=1e-5), (waves - waves_looped).abs().max()
 
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
@@ -334,14 +336,14 @@ def test_offline_hub_miss_names_the_files(monkeypatch, tmp_path):
 
 
 def test_cpu_codec_malloc_tuning_keeps_large_buffers_in_heap():
-    """minihiggs.malloc (used by prep.py for a CPU codec): a freed 200 MB tensor's memory is reused by the next
+    """minihiggs.codec.malloc (used by prep.py for a CPU codec): a freed 200 MB tensor's memory is reused by the next
     one instead of a fresh mmap. Run in a subprocess: the setting is process-wide."""
     import subprocess
     import sys
 
     code = r"""
 import torch
-from minihiggs.malloc import keep_large_allocations_in_heap
+from minihiggs.codec.malloc import keep_large_allocations_in_heap
 
 def big_mmaps():
     # anonymous mappings (five fields: no path, so not the [heap]) of at least 190 MB

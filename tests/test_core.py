@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from minihiggs import HiggsConfig, collate, load_model
-from minihiggs.batch import delay_pattern
+from minihiggs.data.batch import delay_pattern
 from minihiggs.config import ConfigError, rope_inv_freq
-from minihiggs.loss import text_ce_sum
-from minihiggs.tiny import tiny_config, write_tiny_checkpoint
+from minihiggs.model.loss import text_ce_sum
+from minihiggs.model.tiny import tiny_config, write_tiny_checkpoint
 from synth import AUDIO_OUT, synth_sample, synth_samples
 
 

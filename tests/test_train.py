@@ -13,84 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
+from helpers import adapter, max_diff, train_args
 from minihiggs import collate, load_model
-from minihiggs.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
-from minihiggs.dataset import ShardDataset
-from minihiggs.lora import apply_lora
-from minihiggs.model import HiggsAudioModel
-from minihiggs.shards import ShardWriter, estimated_length, shard_name, write_index
-from minihiggs.tiny import write_tiny_checkpoint
-from minihiggs.trainer import checkpointing as ckpt_io
-from minihiggs.trainer.data import collate_ids, val_batch_count, val_batches
-from minihiggs.trainer.metrics import read_metrics
-from minihiggs.trainer.schedule import lr_factor, warmup_steps
+from minihiggs.data.dataset import ShardDataset
+from minihiggs.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
+from minihiggs.lora.apply import apply_lora
+from minihiggs.metrics.jsonl import read_metrics
+from minihiggs.model.higgs import HiggsAudioModel
+from minihiggs.train import checkpointing as ckpt_io
+from minihiggs.train.data import collate_ids, val_batch_count, val_batches
+from minihiggs.train.distributed import DistEnv
+from minihiggs.train.schedule import lr_factor, warmup_steps
+from minihiggs.train.step import evaluate, train_step
 from synth import synth_samples
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=4, dual_layers=(0, 2))
-N_SAMPLES = 40
-
-
-def make_shards(out: Path, samples, per_shard: int = 16) -> Path:
-    """A prepared directory (prep.py's format) holding `samples`, written with the shard writer directly."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for k in range(0, len(samples), per_shard):
-        name = shard_name(len(names))
-        w = ShardWriter(out, name, 8, (k, k + per_shard))
-        for j, s in enumerate(samples[k:k + per_shard]):
-            frames = [c.shape[1] for c in s.audio_codes]
-            w.add(s, source="synth", line=k + j, speaker=None, duration=sum(frames) / 25,
-                  length=estimated_length(len(s.input_ids), frames))
-        w.close([])
-        names.append(name)
-    write_index(out, names, {"num_codebooks": 8, "codebook_size": 1024, "audio_in_token_id": 128015,
-                             "audio_out_token_id": 128016, "whisper": False})
-    return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from a second thread, and when the cores are shared (CI neighbours, other
-    jobs) spinning OpenMP threads make every step 10-50x slower. Restored afterwards for the other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, **TINY)
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("data") / "prepared", synth_samples(N_SAMPLES, seed=1))
-
-
-def train_args(data: Path, ckpt: Path, out: Path, **over) -> list[str]:
-    opts = dict(batch_size=2, grad_accum=2, max_steps=12, log_steps=2, val_steps=3, save_steps=6,
-                val_fraction=0.2, lora_r=4, lora_alpha=8, lr=1e-3, lora_dropout=0.0, warmup=2, keep_checkpoints=3)
-    opts.update(over)
-    argv = ["--train_manifest", str(data), "--base_ckpt", str(ckpt), "--output_dir", str(out)]
-    for k, v in opts.items():
-        if v is None:
-            continue
-        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-    return argv
-
-
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / ADAPTER_WEIGHTS))
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +118,7 @@ def test_final_adapter_loads_with_load_adapter_and_reproduces_val_loss(straight,
     ds = ShardDataset(shards)
     _, val_idx = ds.split(0.2)
     batches = [(collate_ids(ds, ids, model.config), False) for ids in val_batches(ds, val_idx, 2, 0, 1)]
-    got = train.evaluate(model, batches, torch.device("cpu"))
+    got = evaluate(model, batches, torch.device("cpu"))
     last_val = [r for r in read_metrics(straight / "metrics.jsonl") if r.get("split") == "val"][-1]
     assert got["total"] == pytest.approx(last_val["loss"], rel=1e-6, abs=1e-7)
     assert got["audio_loss_per_codebook"] == pytest.approx(last_val["audio_loss_per_codebook"], rel=1e-6)
@@ -197,7 +136,7 @@ def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
                 if n.endswith("lora_B.weight"):
                     p.copy_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
         model.train()
-        res = train.train_step(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
+        res = train_step(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, res
 
     g_union, r_union = grads([samples])
@@ -290,11 +229,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_refuses_to_mix_runs_in_one_output_dir(straight, shards, tiny_ckpt):
-    with pytest.raises(SystemExit, match="--resume latest"):
-        train.main(train_args(shards, tiny_ckpt, straight))
-    with pytest.raises(SystemExit, match="batch_size"):
-        train.main(train_args(shards, tiny_ckpt, straight, batch_size=3) + ["--resume", "latest"])
+def test_refuses_to_mix_runs_in_one_output_dir(straight, shards, tiny_ckpt, capsys):
+    assert train.main(train_args(shards, tiny_ckpt, straight)) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert train.main(train_args(shards, tiny_ckpt, straight, batch_size=3) + ["--resume", "latest"]) == 2
+    assert "batch_size" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_clear_line_not_a_traceback(shards, tiny_ckpt, tmp_path, capsys):
@@ -401,8 +340,8 @@ def test_checkpoint_is_fsynced_before_it_is_renamed_into_place(tiny_ckpt, tmp_pa
     model = load_model(tiny_ckpt)
     apply_lora(model, r=4, alpha=8, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    env = train.DistEnv(0, 0, 1, torch.device("cpu"), False)
-    monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
+    env = DistEnv(0, 0, 1, torch.device("cpu"), False)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "rename", rename)
     final = ckpt_io.save_checkpoint(tmp_path, 3, model, opt, {"epoch": 0}, {"argv": []}, env, str(tiny_ckpt), 2)
     assert final == tmp_path / "checkpoints" / "step-00000003" and (final / ckpt_io.STATE_FILE).is_file()

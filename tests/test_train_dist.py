@@ -21,17 +21,12 @@ if __name__ == "__main__":  # the torchrun probe: make the repo and tests/ impor
 import torch  # noqa: E402
 
 from minihiggs import collate, load_model  # noqa: E402
-from minihiggs.lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
-from minihiggs.sample import Sample  # noqa: E402
+from minihiggs.lora.apply import DEFAULT_TARGETS, apply_lora  # noqa: E402
+from minihiggs.data.sample import Sample  # noqa: E402
+from helpers import TOWER, train_args  # noqa: E402
 from synth import AUDIO_OUT, synth_sample  # noqa: E402
 
 TIMEOUT = 240  # a hang shows up as a timeout, not a stuck test run
-
-
-TOWER = {"num_mel_bins": 128, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
-         "encoder_ffn_dim": 32, "max_source_positions": 1500, "activation_function": "gelu",
-         "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-         "encoder_layerdrop": 0.0}
 
 
 def lopsided_samples(tower: bool) -> tuple[Sample, Sample]:
@@ -73,8 +68,9 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
     ranks: parameters no rank used must have no gradient (None, as in one process: AdamW skips them)."""
     import faulthandler
 
-    import train
-    from minihiggs.trainer.distributed import cleanup, full_value, init_distributed, wrap_model
+    from minihiggs.train.distributed import cleanup, init_distributed, wrap_model
+    from minihiggs.train.step import train_step
+    from minihiggs.wrappers import full_tensor
 
     faulthandler.dump_traceback_later(120, exit=True)  # a stalled probe shows where, then fails
     env = init_distributed()
@@ -88,15 +84,15 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
         assert local, "the tower should carry LoRA"
     else:
         assert (b.target_counts()[0] == 0) == (env.rank == 0)
-    res = train.train_step(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
+    res = train_step(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
 
     def grads() -> dict[str, torch.Tensor]:  # (FSDP2: every rank joins each gather, in the same order)
-        return {n: full_value(p.grad).clone() for n, p in model.named_parameters()
+        return {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()
                 if p.requires_grad and p.grad is not None}
 
     first = grads()
     wrapped.zero_grad(set_to_none=True)
-    train.train_step(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
+    train_step(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
     second = grads()
     if env.rank == 0:
         torch.save({"grads": first, "grads_text_only": second, "loss_vec": res.sums.as_vector()}, out)
@@ -135,10 +131,12 @@ if __name__ != "__main__":
     from safetensors.torch import load_file
 
     import train
-    from minihiggs.trainer import checkpointing as ckpt_io
-    from minihiggs.tiny import write_tiny_checkpoint
-    from minihiggs.trainer.metrics import read_metrics
-    from test_train import one_thread, shards, tiny_ckpt, train_args  # noqa: F401  (fixtures)
+    from minihiggs.train import checkpointing as ckpt_io
+    from minihiggs.model.tiny import write_tiny_checkpoint
+    from minihiggs.metrics.jsonl import read_metrics
+    from minihiggs.train.step import train_step
+
+    pytestmark = pytest.mark.usefixtures("one_thread")
 
     # 4 steps of 2 x 2 samples per rank: 1 process with grad_accum 4 sees exactly the same batches per step
     DIST = dict(batch_size=2, max_steps=4, val_steps=2, save_steps=2, log_steps=1)
@@ -206,7 +204,7 @@ if __name__ != "__main__":
         model = lopsided_model(str(ckpt))
         a, t = lopsided_samples(tower)
         cfg = model.config
-        res = train.train_step(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
+        res = train_step(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
                                torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads"].keys() == ref.keys()
@@ -217,7 +215,7 @@ if __name__ != "__main__":
             assert float((got["grads"][n] - ref[n]).abs().max()) <= 1e-5 * scale + 1e-12, n
         assert res.sums.text_count == collate([a], cfg).target_counts()[0] + 3 * collate([t], cfg).target_counts()[0]
         model.zero_grad(set_to_none=True)
-        train.train_step(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
+        train_step(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads_text_only"].keys() == ref.keys()
         assert not any(n.startswith("audio_tower.") for n in ref)

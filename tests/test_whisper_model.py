@@ -6,14 +6,11 @@ import pytest
 import torch
 
 from minihiggs import collate, load_model
-from minihiggs.whisper import whisper_rows
-from minihiggs.tiny import write_tiny_checkpoint
+from minihiggs.audio.mel import whisper_rows
+from minihiggs.model.tiny import write_tiny_checkpoint
+from helpers import TOWER
 from synth import AUDIO, synth_sample
 
-TOWER = {"num_mel_bins": 128, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
-         "encoder_ffn_dim": 32, "max_source_positions": 1500, "activation_function": "gelu",
-         "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-         "encoder_layerdrop": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Whisper audio tower (minihiggs.whisper) against every golden model variant that has one, plus unit properties.
+"""Whisper audio tower (minihiggs.model.whisper) against every golden model variant that has one, plus unit properties.
 
 Variants are discovered (`skip_audio_tower: false` in config.json); the golden set is known to contain at least one.
 """
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, materialized, variants
 from minihiggs.config import ConfigError
-from minihiggs.whisper import (AudioEncoderProjector, WhisperConfig, WhisperEncoder, feature_lengths,
+from minihiggs.model.whisper import (AudioEncoderProjector, WhisperConfig, WhisperEncoder, feature_lengths,
                                valid_rows)
 
 ATOL, RTOL = 1e-5, 1e-4

@@ -17,12 +17,11 @@ from typing import Any, Mapping
 
 import torch
 
-DEFAULT_REPO = "bosonai/higgs-audio-v2-tokenizer"
+from ..constants import DEFAULT_CODEC_REPO as DEFAULT_REPO  # noqa: F401  (re-exported by minihiggs.codec)
+from ..errors import CheckpointError
+from ..hub import HubMissError, resolve_dir
+
 HUB_FILES = ["config.json", "model.pth"]
-
-
-class CheckpointError(ValueError):
-    """A tokenizer checkpoint or config that does not match the architecture; the message lists what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -124,39 +123,16 @@ def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(os.path.expanduser(os.fspath(path_or_repo_id)))
     if p.is_file():
         root, weights = p.parent, p
-    elif p.is_dir():
-        root = p
+    else:
+        root = resolve_dir(path_or_repo_id, what="audio tokenizer", allow_patterns=HUB_FILES)
         found = [root / n for n in ("model.safetensors", "model.pth") if (root / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"{root}: no model.safetensors or model.pth in the tokenizer directory")
+            raise HubMissError(f"{root}: no model.safetensors or model.pth in the tokenizer directory")
         weights = found[0]
-    elif p.is_absolute() or os.fspath(path_or_repo_id).startswith((".", "~")) or str(path_or_repo_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo_id}: no such tokenizer directory or file (nor a Hub repo id 'owner/name')")
-    else:
-        root = _download(str(path_or_repo_id))
-        weights = root / "model.pth"
     config = root / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{root}: config.json missing next to the tokenizer weights")
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: tokenizer weights missing")
+        raise HubMissError(f"{root}: config.json missing next to the tokenizer weights")
     return config, weights
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
-    except LocalEntryNotFoundError as e:
-        why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
-        raise FileNotFoundError(
-            f"audio tokenizer {repo_id!r} is not in the local Hugging Face cache and {why}. "
-            f"Fetch it while online with `huggingface-cli download {repo_id} {' '.join(HUB_FILES)}`, "
-            f"or pass a local directory holding those two files."
-        ) from e
 
 
 # --- key mapping ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..audio_io import load_audio, resample as resample_soxr
+from ..audio.io import load_audio, resample as resample_soxr
 from .acoustic import Decoder, Encoder
 from .loading import DEFAULT_REPO, CodecConfig, convert_checkpoint, read_checkpoint, resolve
 from .quantizer import Quantizer

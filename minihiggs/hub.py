@@ -1,0 +1,62 @@
+"""The one place that turns "a local directory or a Hugging Face Hub repo id" into a local directory.
+
+Used for the base checkpoint, the audio tokenizer, LoRA adapters and prep's tokenizer files. Rules:
+* an existing directory is returned as is (no network);
+* an existing file is an error (callers that accept a file handle it before calling);
+* anything else must look like a repo id (`owner/name`), and is fetched with `snapshot_download` restricted to
+  `allow_patterns`, or found in the local cache. With `HF_HUB_OFFLINE=1` only the cache is looked at.
+A miss is a `HubMissError` (a `CheckpointError` and a `FileNotFoundError`) that says how to get the files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from .errors import CheckpointError
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class HubMissError(CheckpointError, FileNotFoundError):
+    """A directory that does not exist, or a repo id that is neither cached nor downloadable."""
+
+
+def is_repo_id(s: str) -> bool:
+    return bool(_REPO_ID.fullmatch(s)) and ".." not in s and not s.endswith(".")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: Sequence[str]) -> Path:
+    """A local directory for `path_or_repo` (see the module docstring). `what` names it in errors ("checkpoint",
+    "audio tokenizer", "adapter")."""
+    s = os.fspath(path_or_repo)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a {what} directory, got a file")
+    if not is_repo_id(s) or s.startswith((".", "/", "~")):
+        raise HubMissError(f"{what} {s}: does not exist (no such directory), and is not a Hub repo id "
+                           "of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = hub_offline()
+    try:
+        return Path(snapshot_download(s, allow_patterns=list(allow_patterns), local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else \
+            "the Hub cannot be reached (HF_HUB_OFFLINE=0)"
+        raise HubMissError(
+            f"{what} {s!r} is not in the local Hugging Face cache and {why}. Download it on a connected machine "
+            f"with `huggingface-cli download {s} --include {' '.join(allow_patterns)}` (cache: $HF_HOME), "
+            f"or pass a local directory.") from e
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP errors: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HubMissError(f"{what} {s!r}: the Hub refused it ({type(e).__name__}: {first})") from e

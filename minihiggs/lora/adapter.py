@@ -1,0 +1,259 @@
+"""LoRA adapters in PEFT's on-disk format (no peft needed).
+
+A directory holding
+  adapter_model.safetensors   `base_model.model.<module path>.lora_A.weight` [r, in], `.lora_B.weight` [out, r]
+                              (metadata {"format": "pt"}), exactly the keys `PeftModel.save_pretrained` writes
+  adapter_config.json         PEFT 0.13's LoraConfig fields (sorted keys, indent 2, like PEFT)
+  README.md                   a stub model card (PEFT writes one too)
+
+`PeftModel.from_pretrained(<upstream HiggsAudioModel>, dir)` loads what `save_adapter` writes, and
+`load_adapter` loads what PEFT writes. `target_modules` follows PEFT's rules: a list of names matches a module
+whose path equals an entry or ends with "." + entry; a string is a full-match regex over module paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..fsio import atomic_dir
+from ..hub import resolve_dir
+from ..wrappers import unwrap
+from .apply import (
+    LoRAConfig,
+    LoRAReport,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    peft_matcher,
+)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# The upstream class PEFT records for a HiggsAudioModel base (mirrors the PEFT-written golden config).
+AUTO_MAPPING = {
+    "base_model_class": "HiggsAudioModel",
+    "parent_library": "boson_multimodal.model.higgs_audio.modeling_higgs_audio",
+}
+
+
+def _num(x: float) -> float | int:
+    """8.0 -> 8 (PEFT stores what the user passed; ints are the common case)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+
+
+def adapter_config_dict(r: int, alpha: float, dropout: float, target_modules: list[str] | str,
+                        base_model_name_or_path: str = "", use_rslora: bool = False) -> dict:
+    """PEFT 0.13 LoraConfig as `save_pretrained` writes it (every field of the PEFT-written golden config)."""
+    if isinstance(target_modules, (list, tuple, set)):
+        target_modules = sorted(target_modules)
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": dict(AUTO_MAPPING),
+        "base_model_name_or_path": str(base_model_name_or_path or ""),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": _num(alpha),
+        "lora_dropout": float(dropout),
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": int(r),
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": None,
+        "use_dora": False,
+        "use_rslora": bool(use_rslora),
+    }
+
+
+def validate_adapter_config(cfg: dict, where: str = "adapter_config.json") -> None:
+    """Raise for anything this LoRA cannot reproduce exactly (rather than silently loading something else)."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for k in ("r", "lora_alpha", "target_modules"):
+        if k not in cfg:
+            raise ValueError(f"{where}: missing field {k!r}")
+    if cfg.get("bias", "none") != "none":
+        raise NotImplementedError(f"{where}: bias={cfg['bias']!r} (trained biases) is not supported")
+    for k in ("use_dora", "fan_in_fan_out", "layers_to_transform", "layer_replication", "rank_pattern",
+              "alpha_pattern", "modules_to_save"):
+        v = cfg.get(k)
+        if not (v is None or v is False or v == {} or v == []):
+            raise NotImplementedError(f"{where}: {k}={v!r} is not supported")
+    init = cfg.get("init_lora_weights", True)
+    if not (init is True or init is False or init == "gaussian"):
+        # PiSSA / OLoRA / LoftQ-style inits also rewrite the *base* weights: loading only A/B would be wrong.
+        raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported")
+    if cfg["target_modules"] == "all-linear":
+        raise NotImplementedError(f"{where}: target_modules='all-linear' is not supported; list the modules")
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
+    cfg = json.loads(path.read_text())
+    validate_adapter_config(cfg, str(path))
+    return cfg
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir} (only safetensors adapters are supported)")
+    return load_file(str(path))
+
+
+def adapter_scaling(cfg: dict) -> float:
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def resolve_adapter_dir(adapter: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face repo id ("owner/name", downloaded with huggingface_hub)."""
+    return resolve_dir(adapter, what="adapter", allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _lora_linear_paths(model: nn.Module) -> list[str]:
+    """Paths of every base nn.Linear (LoRA-wrapped or not), excluding the A/B sub-linears."""
+    paths, inside = [], set()
+    for path, m in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, LoRALinear):
+            inside.add(path)
+        if isinstance(m, nn.Linear) and path:
+            paths.append(path)
+    return paths
+
+
+def encode_target_modules(model: nn.Module, targets: list[str] | str | None) -> list[str] | str:
+    """`target_modules` that makes PEFT pick exactly the model's LoRA modules.
+
+    The given targets are kept when, read with PEFT's rules, they select exactly the wrapped modules (the
+    usual case: plain names like "q_proj"). Otherwise (globs, regexes, suffix names PEFT would read
+    differently) a full-match regex listing the wrapped paths is written, which PEFT reads exactly.
+    """
+    model = unwrap(model)
+    wrapped = list(lora_modules(model))
+    linears = _lora_linear_paths(model)
+    if targets is not None and (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+        cand = targets if isinstance(targets, str) else list(targets)
+        try:
+            match = peft_matcher(cand)
+            if [p for p in linears if match(p)] == wrapped:
+                return cand if isinstance(cand, str) else sorted(set(cand))
+        except re.error:
+            pass
+    return "(?:" + "|".join(re.escape(p) for p in wrapped) + ")"
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = None, alpha: float | None = None,
+                 dropout: float | None = None, targets: list[str] | str | None = None,
+                 base_model_name_or_path: str = "") -> Path:
+    """Write the model's LoRA weights + a PEFT adapter_config.json to `out_dir` (atomically, see `atomic_dir`).
+
+    r / alpha / dropout / targets default to what `apply_lora` recorded on the model; given values must agree
+    with the LoRA modules actually present (a mismatch is an error, not a silently wrong config).
+    Returns the directory.
+    """
+    model = unwrap(model)
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA modules to save")
+    rec: LoRAConfig | None = getattr(model, "_minihiggs_lora", None)
+    ranks = {m.r for m in mods.values()}
+    alphas = {float(m.lora_alpha) for m in mods.values()}
+    drops = {float(getattr(m.lora_dropout, "p", 0.0)) for m in mods.values()}
+    rslora = {m.use_rslora for m in mods.values()}
+    if len(ranks) != 1 or len(alphas) != 1 or len(rslora) != 1:
+        raise ValueError(f"LoRA modules disagree on r/alpha/rslora ({ranks}, {alphas}, {rslora}); "
+                         f"per-module ranks are not supported")
+    mr, malpha, mrs = ranks.pop(), alphas.pop(), rslora.pop()
+    if r is not None and int(r) != mr:
+        raise ValueError(f"save_adapter(r={r}) but the model's LoRA rank is {mr}")
+    if alpha is not None and float(alpha) != malpha:
+        raise ValueError(f"save_adapter(alpha={alpha}) but the model's LoRA alpha is {malpha:g}")
+    if dropout is None:
+        dropout = rec.dropout if rec is not None else (drops.pop() if len(drops) == 1 else 0.0)
+    if targets is None and rec is not None:
+        targets = rec.targets
+    target_modules = encode_target_modules(model, targets)
+    alpha_out = alpha if alpha is not None else (rec.alpha if rec is not None else malpha)
+    cfg = adapter_config_dict(mr, alpha_out, dropout, target_modules, base_model_name_or_path, use_rslora=mrs)
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (tmp / "README.md").write_text(
+            f"---\nbase_model: '{cfg['base_model_name_or_path']}'\nlibrary_name: peft\n---\n\n"
+            f"# LoRA adapter for Higgs Audio v2 (written by minihiggs)\n\n"
+            f"r={mr}, lora_alpha={cfg['lora_alpha']}, {len(mods)} modules. Load with "
+            f"`minihiggs.adapter.load_adapter(model, dir)` or `peft.PeftModel.from_pretrained(model, dir)`.\n")
+    return Path(out_dir)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
+                 lora_dtype: torch.dtype | None = torch.float32) -> LoRAReport:
+    """Apply LoRA to `model` as the adapter's config says (PEFT target semantics) and load its weights strictly.
+
+    Unknown or missing keys raise a KeyError listing them. If the model already carries LoRA (e.g. to reload
+    into the same model), the modules must be exactly those the config selects, with the same r and scaling.
+    Returns the `LoRAReport` (all base parameters frozen, LoRA trainable).
+    """
+    adapter_dir = resolve_adapter_dir(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    sd = read_adapter_weights(adapter_dir)
+    model = unwrap(model)
+    targets = cfg["target_modules"]
+    r, alpha, dropout = int(cfg["r"]), cfg["lora_alpha"], float(cfg.get("lora_dropout", 0.0))
+    existing = lora_modules(model)
+    if existing:
+        match = peft_matcher(targets)
+        want = [p for p in _lora_linear_paths(model) if match(p)]
+        if want != list(existing):
+            raise ValueError(f"model already has LoRA on {len(existing)} modules but {adapter_dir} targets "
+                             f"{len(want)}; load into a fresh model")
+        scale = adapter_scaling(cfg)
+        bad = [p for p, m in existing.items() if m.r != r or not math.isclose(m.scaling, scale)]
+        if bad:
+            raise ValueError(f"existing LoRA modules differ from {adapter_dir} in r/scaling: {bad[:5]}")
+        report = LoRAReport(list(existing), {str(targets): list(existing)},
+                            sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in existing.values()),
+                            sum(p.numel() for p in model.parameters()), r, alpha, dropout, scale, targets)
+    else:
+        report = apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, peft=True,
+                            lora_dtype=lora_dtype, use_rslora=bool(cfg.get("use_rslora", False)))
+    try:
+        load_lora_state_dict(model, sd, strict=True)
+    except KeyError as e:
+        raise KeyError(f"{adapter_dir / ADAPTER_WEIGHTS}: {e.args[0]}") from None
+    return report

@@ -1,0 +1,293 @@
+"""The Higgs Audio v2 model: a Llama-3 backbone with DualFFN audio layers, codebook embeddings and heads.
+
+Module paths equal the upstream checkpoint keys (no `model.` prefix), so weights load by name and LoRA
+adapters keep PEFT's key layout. The forward takes a `Batch` (see batch.py: the placeholder expansion is
+already done on the host) and returns loss *sums and counts* through the fused loss head.
+
+Layer kinds (config.layer_kind):
+  dual          shared attention; per position either the audio norms + `audio_mlp` (discrete-audio positions:
+                audio-in codes and audio-out) or the text norms + `mlp`.
+  fast_forward  every discrete-audio position passes through unchanged and is masked as a key (text cannot
+                attend to audio codes in this layer); the rest is a normal Llama layer.
+  text          a plain Llama layer (non-dual layers of the `dual_ffn` adapter type), causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from ..config import HiggsConfig, TextConfig, rope_inv_freq
+from ..data.batch import Batch
+from .loss import LossSums, audio_ce_sums, text_ce_sum
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back before the weight (the Llama convention, matters under bf16)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def reset(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after meta-device construction."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, heads, L, D]; cos/sin [B, L, D]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_heads:  # GQA: expand (a view) rather than copy
+            rep = self.n_heads // self.n_kv
+            k = k[:, :, None].expand(b, self.n_kv, rep, n, self.head_dim).reshape(b, self.n_heads, n, self.head_dim)
+            v = v[:, :, None].expand(b, self.n_kv, rep, n, self.head_dim).reshape(b, self.n_heads, n, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class LayerInputs:
+    """Per-batch tensors every layer needs, computed once per forward."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor  # [B, 1, L, L] bool: causal & valid key (& self)
+    ff_mask: torch.Tensor  # same, discrete-audio keys removed (fast-forward layers)
+    discrete: torch.Tensor  # [B, L, 1] bool
+    discrete_idx: torch.Tensor  # flat indices
+    other_idx: torch.Tensor
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: HiggsConfig, kind: str):
+        super().__init__()
+        t = cfg.text
+        self.kind = kind
+        self.self_attn = Attention(t)
+        self.mlp = MLP(t.hidden_size, t.intermediate_size)
+        self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        if kind == "dual":
+            # The reference builds the audio FFN from text_config too (audio_ffn_* sizes are unused).
+            self.audio_mlp = MLP(t.hidden_size, t.intermediate_size)
+            self.audio_input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+            self.audio_post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, li: LayerInputs) -> torch.Tensor:
+        b, n, d = x.shape
+        if self.kind == "dual":
+            h = torch.where(li.discrete, self.audio_input_layernorm(x), self.input_layernorm(x))
+            x = x + self.self_attn(h, li.rope, li.mask)
+            flat = x.reshape(b * n, d)
+            text_rows = flat.index_select(0, li.other_idx)
+            audio_rows = flat.index_select(0, li.discrete_idx)
+            ffn = torch.zeros_like(flat)
+            ffn = ffn.index_copy(0, li.other_idx, self.mlp(self.post_attention_layernorm(text_rows)))
+            ffn = ffn.index_copy(0, li.discrete_idx, self.audio_mlp(self.audio_post_attention_layernorm(audio_rows)))
+            return (flat + ffn).view(b, n, d)
+        if self.kind == "fast_forward":
+            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_mask)
+            # Only non-audio rows go through the MLP; audio rows keep the layer input unchanged.
+            rows = h.reshape(b * n, d).index_select(0, li.other_idx)
+            rows = rows + self.mlp(self.post_attention_layernorm(rows))
+            return x.reshape(b * n, d).index_copy(0, li.other_idx, rows).view(b, n, d)
+        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class AudioDecoderProjector(nn.Module):
+    """The two output heads (`audio_decoder_proj.*` in the checkpoint)."""
+
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        h = cfg.text.hidden_size
+        self.text_lm_head = nn.Linear(h, cfg.text.vocab_size, bias=False)
+        self.audio_lm_head = nn.Linear(h, cfg.audio_num_codebooks * cfg.codebook_stride, bias=False)
+
+
+@dataclass
+class ForwardOutput:
+    hidden: torch.Tensor  # [B, L, H] after the final norm
+    hidden_states: list[torch.Tensor] | None  # [embeddings, input of layer 1, ..., final normed] if requested
+    whisper_hidden: torch.Tensor | None = None  # [C, frames, d] tower output (after its final LayerNorm)
+    whisper_embed: torch.Tensor | None = None  # [Σ rows, H] projected rows placed into the sequence
+
+
+class HiggsAudioModel(nn.Module):
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        self.config = cfg
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.layer_kind(i)) for i in range(t.num_hidden_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(t)
+        self.audio_codebook_embeddings = nn.Embedding(cfg.audio_num_codebooks * cfg.codebook_stride, t.hidden_size)
+        self.audio_decoder_proj = AudioDecoderProjector(cfg)
+        if cfg.use_audio_out_embed_projector:
+            self.audio_out_embed_projector = nn.Linear(t.hidden_size, t.hidden_size, bias=False)
+        if cfg.has_audio_tower:
+            from .whisper import AudioEncoderProjector, WhisperConfig, WhisperEncoder
+
+            self.audio_tower = WhisperEncoder(WhisperConfig.from_dict(cfg.audio_encoder_config))
+            self.audio_encoder_proj = AudioEncoderProjector(self.audio_tower.config.d_model, t.hidden_size)
+        self.register_buffer("codebook_offsets",
+                             torch.arange(cfg.audio_num_codebooks) * cfg.codebook_stride, persistent=False)
+        self.text_chunk_rows = 1024  # rows of the 128k-wide text head evaluated at once in the fused loss
+        # Recompute each decoder layer in backward instead of storing its activations (training only): the
+        # 3B model at a few thousand tokens per row otherwise needs tens of GB for activations.
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer (and each Whisper tower layer) in backward instead of storing its
+        activations; training only. The 3B model at a few thousand tokens per row otherwise needs tens of GB."""
+        self.activation_checkpointing = bool(enabled)
+        if self.config.has_audio_tower:
+            self.audio_tower.checkpoint_layers = bool(enabled)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after construction on the meta device)."""
+        cfg = self.config
+        dev = self.embed_tokens.weight.device
+        self.codebook_offsets = (torch.arange(cfg.audio_num_codebooks) * cfg.codebook_stride).to(dev)
+        self.rotary_emb.inv_freq = rope_inv_freq(cfg.text).to(dev)
+
+    # ---- embeddings -------------------------------------------------------------------------------------------
+    def embed_audio(self, codes: torch.Tensor) -> torch.Tensor:
+        """[K, n] codes -> [n, H]: sum (or mean) over codebooks of emb[code_k + k * (codebook_size + 2)]."""
+        e = self.audio_codebook_embeddings(codes + self.codebook_offsets[:, None])
+        e = e.mean(0) if self.config.audio_embed_avg else e.sum(0)
+        if self.config.use_audio_out_embed_projector:
+            e = self.audio_out_embed_projector(e)
+        return e
+
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        b, n = batch.input_ids.shape
+        x = self.embed_tokens(batch.input_ids)
+        d = x.shape[-1]
+        flat = x.reshape(b * n, d)
+        whisper_hidden = whisper_embed = None
+        if self.config.has_audio_tower and batch.whisper_features is not None and batch.whisper_features.shape[0] > 0:
+            feats = batch.whisper_features.to(self.audio_encoder_proj.linear.weight.dtype)
+            whisper_hidden, lengths = self.audio_tower(feats, batch.whisper_feature_mask)
+            rows = torch.arange(whisper_hidden.shape[1], device=x.device)[None, :] < batch.whisper_rows[:, None]
+            whisper_embed = self.audio_encoder_proj(whisper_hidden[rows])
+            flat = flat.index_copy(0, batch.whisper_pos, whisper_embed.to(flat.dtype))
+        if batch.audio_in_pos.numel() > 0:
+            flat = flat.index_copy(0, batch.audio_in_pos, self.embed_audio(batch.audio_in_codes).to(flat.dtype))
+        if batch.audio_out_pos.numel() > 0:
+            flat = flat.index_copy(0, batch.audio_out_pos, self.embed_audio(batch.audio_out_codes).to(flat.dtype))
+        return flat.view(b, n, d), whisper_hidden, whisper_embed
+
+    # ---- trunk ------------------------------------------------------------------------------------------------
+    def layer_inputs(self, batch: Batch, dtype: torch.dtype) -> LayerInputs:
+        b, n = batch.input_ids.shape
+        dev = batch.input_ids.device
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        keys = batch.attention_mask[:, None, :]
+        # `| eye`: every query keeps at least itself, so padded rows never softmax over nothing (NaN in backward).
+        mask = (causal & keys) | eye
+        ff_mask = (causal & keys & ~batch.discrete_mask[:, None, :]) | eye
+        return LayerInputs(
+            rope=self.rotary_emb(batch.position_ids, dtype),
+            mask=mask[:, None], ff_mask=ff_mask[:, None],
+            discrete=batch.discrete_mask[:, :, None],
+            discrete_idx=batch.discrete_idx, other_idx=batch.other_idx,
+        )
+
+    def forward_hidden(self, batch: Batch, output_hidden_states: bool = False) -> ForwardOutput:
+        x, wh, we = self.embed(batch)
+        li = self.layer_inputs(batch, x.dtype)
+        states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, li, use_reentrant=False)
+            else:
+                x = layer(x, li)
+            if states is not None:
+                states.append(x)
+        x = self.norm(x)
+        if states is not None:
+            states[-1] = x  # the reference's last hidden state is after the final norm
+        return ForwardOutput(hidden=x, hidden_states=states, whisper_hidden=wh, whisper_embed=we)
+
+    # ---- heads ------------------------------------------------------------------------------------------------
+    def audio_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, H] hidden rows -> [n, K, codebook_size+2] fp32 audio logits."""
+        k = self.config.audio_num_codebooks
+        return self.audio_decoder_proj.audio_lm_head(rows).float().view(rows.shape[0], k, self.config.codebook_stride)
+
+    def loss_sums(self, hidden: torch.Tensor, batch: Batch) -> LossSums:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head = self.audio_decoder_proj.text_lm_head
+        if hasattr(head, "lora_A"):
+            # The fused head multiplies by the weight directly, chunk by chunk; an adapter there would be ignored.
+            raise ValueError("LoRA on audio_decoder_proj.text_lm_head is not supported by the fused text loss; "
+                             "adapt the backbone or the audio head instead")
+        text_sum, text_count = text_ce_sum(flat.index_select(0, batch.text_loss_pos), head.weight,
+                                           batch.text_loss_targets, self.text_chunk_rows)
+        rows = flat.index_select(0, batch.audio_out_pos.index_select(0, batch.audio_loss_rows))
+        audio_sum, audio_count = audio_ce_sums(self.audio_logits(rows), batch.audio_loss_targets,
+                                               self.config.audio_num_codebooks)
+        return LossSums(text_sum, text_count, audio_sum, audio_count)
+
+    def forward(self, batch: Batch) -> LossSums:
+        return self.loss_sums(self.forward_hidden(batch).hidden, batch)

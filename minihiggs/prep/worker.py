@@ -1,0 +1,318 @@
+"""The prep worker: turns one shard's worth of manifest entries into a shard.
+
+Per window of entries: parse and tokenize (ChatML rules), check and decode the audio (or load precomputed codes),
+encode the new clips with the audio tokenizer in batches, compute Whisper features where the checkpoint needs
+them, and write each usable sample to the shard. A sample with any problem is skipped whole and recorded with its
+manifest line; it never shifts another sample's audio.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..audio import mel
+from ..audio.io import read_audio, resample, to_mono
+from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR
+from ..data.shards import ShardWriter, estimated_length
+from ..errors import AudioError, ManifestError, PrepError
+from ..text.chatml import encode_chatml, expand_audio_in, parse_chatml
+
+SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose peak stays below this is treated as silent
+WINDOW = 32  # manifest entries processed together (codec batching, bounded memory)
+FRAMES_PER_CHUNK = mel.CHUNK_SECONDS * CODE_FRAMES_PER_SECOND  # 750 code frames per 30 s Whisper chunk
+
+
+_W = None
+
+
+def _init_worker(settings: dict, q) -> None:
+    global _W
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.get("threads", 1))))
+    _W = Worker(settings, q)
+
+
+def _run_job(job: dict) -> dict:
+    # Exceptions travel back as text: a class defined in a spawned __mp_main__ may not unpickle in the parent.
+    try:
+        return _W.run(job)
+    except Exception as e:
+        import traceback
+
+        return {"name": job["name"], "failed": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
+class Worker:
+    def __init__(self, settings: dict, q=None, tok=None):
+        from ..text.tokenizer import TextTokenizer
+
+        self.s = settings
+        self.q = q
+        self.tok = tok if tok is not None else TextTokenizer.from_dir(settings["tokenizer_dir"])
+        self.codec = None
+        self.C = settings["num_codebooks"]
+        self.audio_in_id = settings["audio_in_token_id"]
+
+    # -------------------------------------------------------------- helpers
+    def get_codec(self):
+        if self.codec is None:
+            from ..codec import AudioTokenizer
+
+            if not str(self.s["device"]).startswith("cuda"):
+                from ..codec.malloc import keep_large_allocations_in_heap
+
+                keep_large_allocations_in_heap()
+            try:
+                self.codec = AudioTokenizer.from_pretrained(self.s["codec"], device=self.s["device"])
+            except Exception as e:
+                raise PrepError(f"cannot load the audio tokenizer {self.s['codec']!r} "
+                                f"({type(e).__name__}: {e})") from e
+            if getattr(self.codec, "sample_rate", CODEC_SR) != CODEC_SR:
+                raise PrepError(f"codec sample rate {self.codec.sample_rate}, expected {CODEC_SR}")
+        return self.codec
+
+    def report(self, clips: int, seconds: float) -> None:
+        if self.q is not None:
+            self.q.put((clips, seconds))
+
+    def load_codes(self, path: str) -> np.ndarray:
+        try:
+            a = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: audio_codes file not found", "missing_audio") from None
+        except Exception as e:
+            raise ManifestError(f"{path}: cannot read audio_codes ({type(e).__name__}: {e})", "bad_codes") from None
+        if a.ndim != 2 or a.shape[0] != self.C or a.shape[1] == 0:
+            raise ManifestError(f"{path}: audio_codes shape {a.shape}, expected [{self.C}, frames>0]", "bad_codes")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ManifestError(f"{path}: audio_codes dtype {a.dtype}, expected integers", "bad_codes")
+        if a.min() < 0 or a.max() >= self.s["codebook_size"]:
+            raise ManifestError(f"{path}: audio_codes outside [0, {self.s['codebook_size']})", "bad_codes")
+        return a.astype(np.int64)
+
+    def load_wave(self, item) -> tuple[np.ndarray, int]:
+        """Decoded mono float32 (offset/duration applied) and its rate; raises ManifestError with the kind."""
+        if item.raw_audio is not None:
+            import soundfile as sf
+
+            try:
+                data, sr = sf.read(io.BytesIO(base64.b64decode(item.raw_audio, validate=True)), dtype="float32",
+                                   always_2d=True)
+            except Exception as e:
+                raise ManifestError(f"raw_audio: cannot decode ({type(e).__name__}: {e})", "corrupt_audio") from None
+            wave, sr, name = to_mono(data.T), int(sr), "raw_audio"
+        else:
+            name = item.audio_url
+            if not os.path.exists(name):
+                raise ManifestError(f"{name}: audio file not found", "missing_audio")
+            try:
+                wave, sr = read_audio(name)
+            except AudioError as e:
+                raise ManifestError(str(e), "corrupt_audio") from None
+        if item.offset or item.duration is not None:
+            a = int(round((item.offset or 0.0) * sr))
+            b = len(wave) if item.duration is None else a + int(round(item.duration * sr))
+            wave = wave[a:b]
+        if wave.size == 0:
+            raise ManifestError(f"{name}: audio is empty", "empty_audio")
+        if not np.isfinite(wave).all():
+            raise ManifestError(f"{name}: audio contains NaN or infinite samples", "corrupt_audio")
+        if float(np.abs(wave).max()) < SILENCE_PEAK:
+            raise ManifestError(f"{name}: audio is silent (peak below {SILENCE_PEAK:g})", "silent_audio")
+        return wave, sr
+
+    def encode_waves(self, waves: dict) -> dict:
+        """{key: wave24} -> {key: codes or the Exception the codec raised}."""
+        out: dict = {}
+        if not waves:
+            return out
+        codec = self.get_codec()
+        keys = sorted(waves, key=lambda k: len(waves[k]))  # the codec batches clips of equal length
+
+        def run(group):
+            try:
+                for k, c in zip(group, codec.encode_batch([waves[k] for k in group])):
+                    out[k] = c
+            except Exception as e:  # retry one by one so one bad clip does not sink the others
+                if len(group) == 1:
+                    out[group[0]] = e
+                else:
+                    for k in group:
+                        run([k])
+
+        step = self.s["codec_batch_clips"]
+        for i in range(0, len(keys), step):
+            run(keys[i:i + step])
+        return out
+
+    def split_codes(self, codes: np.ndarray, n_chunks: int) -> list[np.ndarray]:
+        T = codes.shape[1]
+        if n_chunks == 1:
+            return [codes]
+        if T < n_chunks:
+            raise ManifestError(f"{T} code frames cannot cover {n_chunks} Whisper chunks", "bad_codes")
+        bounds = [0] + [min(FRAMES_PER_CHUNK * i, T - (n_chunks - i)) for i in range(1, n_chunks)] + [T]
+        return [codes[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    # -------------------------------------------------------------- one shard
+    def run(self, job: dict) -> dict:
+        import torch
+
+        from ..data.sample import Sample
+
+        s = self.s
+        out = Path(s["out"])
+        name = job["name"]
+        writer = ShardWriter(out, name, self.C, (job["first"], job["last"]))
+        errors: list[dict] = []
+        manifest = s["manifest"]
+        codes_cache: dict = {}
+
+        def err(line, kind, reason, sid=None):
+            errors.append({"manifest": manifest, "line": int(line), "id": sid, "kind": kind, "reason": reason})
+
+        try:
+            entries = self._entries(job)
+            for w0 in range(0, len(entries), WINDOW):
+                window = entries[w0:w0 + WINDOW]
+                parsed = []
+                for e in window:
+                    line = e[1]
+                    if e[0] == "err":
+                        err(line, e[2], e[3])
+                        continue
+                    sid = None
+                    try:
+                        obj = e[2]
+                        if e[0] == "raw":
+                            try:
+                                txt = obj.decode("utf-8")
+                            except UnicodeDecodeError as ue:
+                                raise ManifestError(f"line is not valid UTF-8 ({ue.reason} at byte {ue.start})",
+                                                    "bad_text_encoding") from None
+                            if txt.startswith("\ufeff"):  # a UTF-8 byte-order mark on the first line
+                                txt = txt[1:]
+                            try:
+                                obj = json.loads(txt)
+                            except json.JSONDecodeError as je:
+                                raise ManifestError(f"broken JSON ({je.msg} at column {je.colno})",
+                                                    "bad_json") from None
+                        cm = parse_chatml(obj, s["base_dir"])
+                        sid = cm.id or f"{s['manifest_name']}:{line}"
+                        enc = encode_chatml(cm, self.tok)
+                        if all(x == -100 for x in enc.label_ids):
+                            raise ManifestError("no trainable target (no assistant turn at or after start_index)",
+                                                "no_target")
+                        parsed.append((line, sid, enc))
+                    except ManifestError as me:
+                        err(line, me.kind, str(me), sid)
+
+                # audio: decode what needs decoding; precomputed codes are loaded directly
+                pending: dict = {}
+                staged = []
+                for line, sid, enc in parsed:
+                    try:
+                        items = []
+                        for it in enc.audio:
+                            need_feats = s["whisper"] and it.is_input
+                            codes = wave16 = None
+                            key = ("codes", it.audio_codes) if it.audio_codes else ("wave",) + it.cache_key()
+                            if it.audio_codes:
+                                codes = codes_cache.get(key)
+                                if codes is None:
+                                    codes = codes_cache[key] = self.load_codes(it.audio_codes)
+                            if need_feats or (codes is None and key not in codes_cache and key not in pending):
+                                if it.audio_url is None and it.raw_audio is None:
+                                    raise ManifestError("Whisper features need the audio itself, but the item "
+                                                        "only has audio_codes", "missing_audio")
+                                wave, sr = self.load_wave(it)
+                                if need_feats:
+                                    wave16 = resample(wave, sr, mel.SAMPLE_RATE)
+                                if codes is None and key not in codes_cache and key not in pending:
+                                    w24 = resample(wave, sr, CODEC_SR)
+                                    codec = self.get_codec()
+                                    if hasattr(codec, "frames") and codec.frames(len(w24)) < 1:
+                                        raise ManifestError(f"{it.audio_url or 'raw_audio'}: audio too short for "
+                                                            "one code frame", "empty_audio")
+                                    pending[key] = w24
+                            items.append((it, key, wave16))
+                        staged.append((line, sid, enc, items))
+                    except ManifestError as me:
+                        err(line, me.kind, str(me), sid)
+                for k, c in self.encode_waves(pending).items():
+                    if isinstance(c, Exception):
+                        codes_cache[k] = c
+                    else:
+                        c = np.asarray(c.cpu() if hasattr(c, "cpu") else c, dtype=np.int64)
+                        codes_cache[k] = c[:self.C]
+
+                seconds = 0.0
+                for line, sid, enc, items in staged:
+                    try:
+                        segs, chunks, feats, lens = [], [], [], []
+                        for it, key, wave16 in items:
+                            codes = codes_cache.get(key)
+                            if isinstance(codes, Exception):
+                                raise ManifestError(f"codec failed on {it.audio_url or 'raw_audio'} "
+                                                    f"({type(codes).__name__}: {codes})", "corrupt_audio")
+                            if codes.shape[1] == 0:
+                                raise ManifestError(f"{it.audio_url or 'raw_audio'}: too short for one code frame",
+                                                    "empty_audio")
+                            if wave16 is not None:
+                                f, v = mel.whisper_features(wave16)
+                                parts = self.split_codes(codes, len(f))
+                                chunks.append(len(f))
+                                feats += f
+                                lens += v
+                                segs += parts
+                            else:
+                                segs.append(codes)
+                        ids, labels = enc.input_ids, enc.label_ids
+                        if s["whisper"]:
+                            ids, labels = expand_audio_in(ids, labels, self.audio_in_id, chunks)
+                        sample = Sample(input_ids=torch.tensor(ids, dtype=torch.long),
+                                        label_ids=torch.tensor(labels, dtype=torch.long),
+                                        audio_codes=[torch.from_numpy(np.ascontiguousarray(c)) for c in segs],
+                                        whisper_features=feats if s["whisper"] else None,
+                                        whisper_lengths=lens if s["whisper"] else None, sample_id=sid)
+                        sample.validate(self.audio_in_id, s["audio_out_token_id"], self.C)
+                        frames = [int(c.shape[1]) for c in segs]
+                        length = estimated_length(len(ids), frames, lens if s["whisper"] else None,
+                                                  s["columns_per_segment"])
+                        if s["max_tokens"] and length > s["max_tokens"]:
+                            raise ManifestError(f"{length} merged tokens exceed --max_tokens {s['max_tokens']}",
+                                                "too_long")
+                        duration = sum(frames) / 25.0
+                        writer.add(sample, source=manifest, line=line, speaker=enc.speaker, duration=duration,
+                                   length=length)
+                        seconds += duration
+                    except ManifestError as me:
+                        err(line, me.kind, str(me), sid)
+                    except ValueError as ve:
+                        err(line, "invalid", str(ve), sid)
+                self.report(len(window), seconds)
+            errors.sort(key=lambda x: x["line"])
+            meta = writer.close(errors)
+        except BaseException:
+            writer.abort()
+            raise
+        return {"name": name, "samples": len(meta["samples"]), "errors": len(errors),
+                "seconds": sum(r["duration"] for r in meta["samples"])}
+
+    def _entries(self, job: dict) -> list[tuple]:
+        if job["kind"] == "jsonl":
+            out = []
+            with open(self.s["manifest"], "rb") as f:
+                for line, off, ln in zip(job["lines"], job["offsets"], job["lengths"]):
+                    f.seek(off)
+                    out.append(("raw", line, f.read(ln)))
+            return out
+        return job["entries"]

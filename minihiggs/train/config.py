@@ -1,0 +1,109 @@
+"""`TrainConfig`: every setting of a training run, with its command-line flag, default and help in one place.
+
+`train.py` builds its argparse parser from these fields (`build_parser`), so a flag is declared once; the
+validation of combinations lives in `TrainConfig.validate` (a `TrainConfigError`, never `SystemExit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..constants import DEFAULT_BASE_REPO
+from ..errors import TrainConfigError
+from ..lora.apply import DEFAULT_TARGETS
+from .schedule import SCHEDULES
+
+DTYPES = ("bf16", "bfloat16", "fp32", "float32")
+
+
+def _flag(default, help: str, group: str, **argparse_kw):
+    return field(default=default, metadata={"help": help, "group": group, **argparse_kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- data and output
+    train_manifest: str = _flag(None, "prepared shard directory (prep.py --out)", "data and output", required=True)
+    output_dir: str = _flag(None, "run directory (metrics, checkpoints, adapters)", "data and output", required=True)
+    base_ckpt: str = _flag(DEFAULT_BASE_REPO, "base checkpoint directory or Hub repo id", "data and output")
+    val_fraction: float = _flag(0.05, "validation share, chosen by a stable hash of each sample id (same for every "
+                                      "run and world size); 0 disables validation", "data and output")
+    num_workers: int | None = _flag(None, "DataLoader workers (default: 2 on CUDA, 0 on CPU)", "data and output")
+    # -- optimisation
+    batch_size: int = _flag(4, "samples per micro-batch per device", "optimisation")
+    grad_accum: int = _flag(1, "micro-batches per optimizer step", "optimisation")
+    epochs: int = _flag(3, "passes over the training split", "optimisation")
+    max_steps: int | None = _flag(None, "optimizer steps; overrides --epochs", "optimisation")
+    lr: float = _flag(2e-4, "peak learning rate", "optimisation")
+    lr_schedule: str = _flag("cosine", "shape after the warmup", "optimisation", choices=SCHEDULES)
+    warmup: float = _flag(0.05, "warmup: optimizer steps if >= 1, else a fraction of the run", "optimisation")
+    wd: float = _flag(0.0, "AdamW weight decay", "optimisation")
+    grad_clip: float = _flag(1.0, "max gradient L2 norm (0: no clipping)", "optimisation")
+    seed: int = _flag(0, "seed of LoRA init, dropout and data order", "optimisation")
+    # -- LoRA
+    lora_r: int = _flag(16, "LoRA rank", "LoRA")
+    lora_alpha: float = _flag(32.0, "LoRA alpha (scaling alpha / r)", "LoRA")
+    lora_dropout: float = _flag(0.05, "dropout on the LoRA input", "LoRA")
+    lora_targets: list[str] | None = _flag(None, "module patterns (names, globs or regexes; comma- or space-separated);"
+                                                 f" default {','.join(DEFAULT_TARGETS)}", "LoRA", nargs="+")
+    # -- logging, checkpoints, runtime
+    log_steps: int = _flag(10, "log train metrics every N steps", "logging, checkpoints, runtime")
+    val_steps: int = _flag(100, "validate every N steps (0: only at the end)", "logging, checkpoints, runtime")
+    save_steps: int = _flag(1000, "checkpoint every N steps (0: only at the end)", "logging, checkpoints, runtime")
+    keep_checkpoints: int = _flag(3, "newest checkpoints kept (0: keep all)", "logging, checkpoints, runtime")
+    resume: str | None = _flag(None, "a checkpoint dir, or 'latest' (newest in --output_dir; a fresh start if none)",
+                               "logging, checkpoints, runtime", metavar="DIR|latest")
+    early_stopping_patience: int | None = _flag(None, "stop after this many validations without a new best loss",
+                                                "logging, checkpoints, runtime")
+    dtype: str | None = _flag(None, "base model dtype (default bf16 on GPU, fp32 on CPU); LoRA weights are always "
+                                    "fp32", "logging, checkpoints, runtime", choices=sorted(DTYPES))
+    fsdp: bool = _flag(False, "shard the frozen base with FSDP2 (torchrun)", "logging, checkpoints, runtime")
+    compile: bool | None = _flag(None, "torch.compile each decoder layer (default: on for CUDA, off on CPU)",
+                                 "logging, checkpoints, runtime", action=argparse.BooleanOptionalAction)
+    activation_checkpointing: bool = _flag(False, "recompute decoder layers (and Whisper tower layers) in backward "
+                                                  "(long sequences on small GPUs)", "logging, checkpoints, runtime")
+
+    def validate(self) -> "TrainConfig":
+        if self.lora_targets is not None:
+            self.lora_targets = [t for item in self.lora_targets for t in item.split(",") if t]
+        for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"--{name} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainConfigError("--max_steps must be >= 1")
+        if self.log_steps < 1 or self.val_steps < 0 or self.save_steps < 0 or self.keep_checkpoints < 0:
+            raise TrainConfigError("--log_steps must be >= 1; --val_steps, --save_steps and --keep_checkpoints >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainConfigError("--val_fraction must be in [0, 1)")
+        return self
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The argparse parser of train.py: one flag per `TrainConfig` field, grouped as declared."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        group = groups.setdefault(meta.pop("group"), ap.add_argument_group(f.metadata["group"]))
+        kw = {"help": meta.pop("help"), **meta}
+        if "required" not in kw:
+            kw["default"] = f.default
+        if isinstance(f.default, bool) and "action" not in kw:
+            kw["action"] = "store_true"
+        elif "action" not in kw:
+            kw["type"] = _scalar_type(f.type)
+        group.add_argument(f"--{f.name}", **kw)
+    return ap
+
+
+def _scalar_type(annotation: str):
+    base = annotation.replace(" | None", "").replace("list[", "").rstrip("]")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def parse_train_args(argv: list[str] | None = None, description: str = "") -> TrainConfig:
+    """Flags -> a validated TrainConfig. Malformed flags exit through argparse (code 2, usage line)."""
+    ns = build_parser(description).parse_args(argv)
+    return TrainConfig(**vars(ns)).validate()

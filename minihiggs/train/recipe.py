@@ -1,0 +1,350 @@
+"""The LoRA fine-tuning recipe: setup steps, then one training loop (what `train.py` runs).
+
+    recipe = LoRARecipe(cfg, env, argv)
+    recipe.setup()      # output dir + resume point, data, model + LoRA + wrapper, optimizer, restored state
+    recipe.train()      # the loop; returns the exit code
+
+One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on every rank. The step's loss is
+normalised by the step's *global* target counts (all micro-batches, all ranks), so the update equals that of one
+batch holding all of them, whatever the split across micro-batches and devices (`step.train_step`).
+
+Everything a resume needs is in `self.state` (a `TrainState`) plus the optimizer, scheduler, sampler position and
+RNG streams, all written by `checkpointing.save_checkpoint` and read back in `setup` by the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import BucketBatchSampler, ShardDataset
+from ..errors import ResumeError, TrainConfigError
+from ..lora.apply import apply_lora
+from ..metrics.logger import make_logger
+from ..model.checkpoint import load_model
+from ..model.loss import LossSums
+from . import checkpointing as ckpt_io
+from .config import TrainConfig
+from .data import check_dataset, train_loader, validation_set
+from .distributed import DistEnv, all_reduce_sum, wrap_model
+from .schedule import build_scheduler, load_scheduler_state, warmup_steps
+from .signals import StopRequest
+from .state import TrainState
+from .step import evaluate, loss_fields, train_step
+
+MAX_NONFINITE_IN_A_ROW = 5
+TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+class LoRARecipe:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, argv: list[str]):
+        self.cfg, self.env = cfg, env
+        self.device = env.device
+        self.out = Path(cfg.output_dir)
+        self.base = str(Path(cfg.base_ckpt).resolve()) if Path(cfg.base_ckpt).is_dir() else cfg.base_ckpt
+        self.record = {"argv": argv, "command": shlex.join(["train.py", *argv]), "args": vars(cfg),
+                       "world_size": env.world_size, "torch": torch.__version__}
+        self.state = TrainState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
+        self.pbar = None  # the progress bar while the loop runs; messages go through it so they do not tear it
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.setup_output()
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        self.restore()
+
+    def setup_output(self) -> None:
+        """The resume point (--resume), stale temporaries of a killed run, and the metric logger."""
+        cfg, env = self.cfg, self.env
+        self.resume_from = ckpt_io.resolve_resume(cfg.resume, self.out)
+        if self.resume_from is None and ckpt_io.list_checkpoints(self.out):
+            raise ResumeError(f"{self.out} already holds checkpoints; pass --resume latest to continue, or another "
+                              f"--output_dir")
+        self.saved = ckpt_io.load_trainer_state(self.resume_from) if self.resume_from is not None else None
+        if self.saved is not None:
+            ckpt_io.check_resume_compatible(self.saved, ckpt_io.read_args_record(self.resume_from), cfg,
+                                            env.world_size, self.resume_from)
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temporaries(self.out)
+        self.log = make_logger(self.out, enabled=env.is_main)
+        jsonl = self.log.jsonl
+        if jsonl is not None and self.saved is None and jsonl.path.exists():
+            jsonl.path.unlink()  # a run that never checkpointed: start its history afresh
+
+    def setup_data(self) -> None:
+        """Shards, the stable train/val split, this rank's length-bucketed sampler and the validation batches."""
+        cfg, env = self.cfg, self.env
+        self.ds = ShardDataset(cfg.train_manifest)
+        self.train_idx, self.val_idx = self.ds.split(cfg.val_fraction)
+        self.sampler = BucketBatchSampler(self.ds.lengths, self.train_idx, batch_size=cfg.batch_size, seed=cfg.seed,
+                                          epoch=0, rank=env.rank, world_size=env.world_size)
+        self.n_batches = len(self.sampler)  # this rank's micro-batches per epoch (equal on every rank)
+        if self.n_batches == 0:
+            raise TrainConfigError(f"{len(self.train_idx)} training samples give no batch of {cfg.batch_size} for "
+                                   f"{env.world_size} device(s)")
+        self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
+        self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
+
+    def setup_model(self) -> None:
+        """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
+        cfg, env = self.cfg, self.env
+        dtype = TORCH_DTYPES[cfg.dtype] if cfg.dtype else \
+            (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype
+        self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        model = load_model(cfg.base_ckpt, dtype=dtype, device=self.device)
+        check_dataset(self.ds, model.config)
+        self.lora_report = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                      targets=cfg.lora_targets, seed=cfg.seed)
+        if self.resume_from is not None:
+            ckpt_io.load_adapter_weights(model, self.resume_from)
+        model.train()
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+        if self.use_compile:
+            for layer in model.layers:
+                layer.compile()  # the trunk; the fused loss head runs eagerly by design (see model/loss.py)
+        self.model = model
+        self.train_model = wrap_model(model, env, fsdp=cfg.fsdp)  # the forward goes through this wrapper
+        num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if self.device.type == "cuda" else 0)
+        self.loader = train_loader(self.ds, self.sampler, model.config, num_workers,
+                                   pin_memory=self.device.type == "cuda")
+        self.val_set = validation_set(self.ds, self.val_idx, cfg.batch_size, env.rank, env.world_size, model.config)
+
+    def setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.params = [p for p in self.train_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, self.warmup, self.state.total_steps)
+
+    def restore(self) -> None:
+        """A resumed run: the optimizer, the scheduler's step count (LR and shape from now), the TrainState and
+        the RNG streams; a fresh run: per-rank seeds (dropout differs per rank)."""
+        cfg, env, saved = self.cfg, self.env, self.saved
+        if saved is not None:
+            ckpt_io.load_optimizer_state(self.optimizer, self.train_model, saved["optimizer"], env)
+            load_scheduler_state(self.scheduler, saved["scheduler"], cfg.lr)
+            total = self.state.total_steps
+            self.state = TrainState.from_dict(saved)
+            self.state.total_steps, self.state.grad_accum = total, cfg.grad_accum  # these may change on resume
+        self.last_saved = self.state.step if saved is not None else -1
+        self.last_val = self.state.step if saved is not None else -1
+        if saved is not None and saved.get("world_size") == env.world_size:
+            ckpt_io.set_rng_state(saved["rng"][env.rank], self.device)
+        else:
+            ckpt_io.seed_everything(cfg.seed + env.rank, self.device)
+
+    # ---- helpers of the loop ----------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if self.env.is_main:
+            (self.pbar.write if self.pbar is not None else print)(msg)
+
+    def checkpoint_state(self) -> dict:
+        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(batches_done=self.state.batches_in_epoch)}
+
+    def save(self, reason: str) -> Path:
+        s = self.state
+        path = ckpt_io.save_checkpoint(self.out, s.step, self.train_model, self.optimizer, self.checkpoint_state(),
+                                       self.record, self.env, self.base, self.cfg.keep_checkpoints)
+        self.last_saved = s.step
+        self.log.log({"event": "checkpoint", "step": s.step, "path": str(path), "reason": reason})
+        self.say(f"step {s.step}: checkpoint {path}")
+        return path
+
+    def validate(self) -> dict:
+        s = self.state
+        rep = evaluate(self.train_model, self.val_set, self.device)
+        self.last_val = s.step
+        improved = rep["total"] < s.best_val
+        if improved:
+            s.best_val, s.best_step, s.bad_evals = rep["total"], s.step, 0
+            ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "best" if self.env.is_main else None,
+                                           self.env, self.base)
+            if self.env.is_main:
+                (self.out / "best" / "best.json").write_text(
+                    json.dumps({"step": s.step, "val": loss_fields(rep)}, indent=2))
+        else:
+            s.bad_evals += 1
+        self.log.log({"split": "val", "step": s.step, **loss_fields(rep), "text_targets": rep["text_targets"],
+                      "audio_targets": rep["audio_targets"], "best": improved})
+        self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
+                 f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
+        return rep
+
+    def next_micro_batches(self, batches) -> tuple[list, bool]:
+        """The step's micro-batches (fewer at the end of an epoch) and whether the epoch ends with them."""
+        s = self.state
+        k = min(self.cfg.grad_accum, self.n_batches - s.batches_in_epoch)
+        micro = [next(batches) for _ in range(k)]
+        s.batches_in_epoch += k
+        if s.batches_in_epoch == self.n_batches:
+            s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+            return micro, True
+        return micro, False
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg, s, K = self.cfg, self.state, self.model.config.audio_num_codebooks
+        self.announce()
+        if self.saved is None and self.val_set and cfg.val_steps:
+            self.validate()  # the untrained baseline (LoRA B = 0: exactly the base model)
+        stop = StopRequest()
+        stop.install()
+        from tqdm import tqdm
+
+        self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
+                         dynamic_ncols=True, mininterval=1.0)
+        window, window_tokens, window_t0 = None, 0, time.perf_counter()  # the current --log_steps window
+        nonfinite_run, stop_reason = 0, None
+        try:
+            while s.step < s.total_steps and stop_reason is None:
+                self.sampler.set_epoch(s.epoch)
+                self.sampler.skip(s.batches_in_epoch)
+                batches = iter(self.loader)
+                epoch_done = False
+                while s.step < s.total_steps and stop_reason is None and not epoch_done:
+                    micro, epoch_done = self.next_micro_batches(batches)
+                    res = train_step(self.train_model, micro, self.device, self.env.world_size, K)
+                    # One collective per step: loss sums and counts, tokens, and whether any rank was signalled.
+                    vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
+                        [res.tokens, 1.0 if stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
+                    loss = LossSums.from_vector(vec[:2 + 2 * K]).report()["total"]
+                    step_tokens, stop_requested = int(vec[-2]), bool(vec[-1] > 0)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    grad_norm = self.clip_gradients()
+                    if math.isfinite(loss) and math.isfinite(grad_norm):
+                        self.optimizer.step()
+                        nonfinite_run = 0
+                        window = vec[:2 + 2 * K] if window is None else window + vec[:2 + 2 * K]
+                    else:
+                        nonfinite_run += 1
+                        self.log.log({"event": "nonfinite", "step": s.step + 1, "loss": loss, "grad_norm": grad_norm,
+                                      "in_a_row": nonfinite_run})
+                        self.say(f"step {s.step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update "
+                                 f"skipped ({nonfinite_run} in a row)")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()  # the schedule follows the data, skipped updates included
+                    s.step += 1
+                    s.tokens += step_tokens
+                    window_tokens += step_tokens
+                    elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                    self.pbar.update(1)
+                    self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                          tok_s=f"{window_tokens / elapsed:.0f}", refresh=False)
+
+                    if nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
+                        stop_reason = "nonfinite"
+                        break
+                    if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
+                        if window is not None:
+                            rep = LossSums.from_vector(window).report()
+                            self.log.log({"split": "train", "step": s.step,
+                                          "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4),
+                                          **loss_fields(rep), "lr": lr, "grad_norm": grad_norm,
+                                          "tokens_per_s": round(window_tokens / elapsed, 1), "tokens": s.tokens})
+                        window, window_tokens, window_t0 = None, 0, time.perf_counter()
+                    if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
+                        self.validate()
+                        if cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
+                            stop_reason = "early_stop"
+                            self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step,
+                                          "best_val": s.best_val})
+                            self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
+                                     f"(best {s.best_val:.4f} at step {s.best_step})")
+                    if cfg.save_steps and s.step % cfg.save_steps == 0:
+                        if nonfinite_run == 0:
+                            self.save("save_steps")
+                        else:  # never let a checkpoint of a non-finite streak replace the good ones
+                            self.say(f"step {s.step}: checkpoint skipped (this update was non-finite)")
+                    if stop_requested and stop_reason is None:
+                        stop_reason = "signal"
+        finally:
+            self.pbar.close()
+            self.pbar = None
+            stop.restore()
+        return self.finish(stop_reason, stop.signal)
+
+    def clip_gradients(self) -> float:
+        from ..wrappers import full_tensor
+
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
+
+    def announce(self) -> None:
+        cfg, env, s = self.cfg, self.env, self.state
+        if env.is_main:
+            mode = "FSDP2" if cfg.fsdp else "DDP" if env.world_size > 1 else "single device"
+            print(f"minihiggs train: {env.world_size} x {self.device.type} ({mode}), base {self.dtype} from "
+                  f"{cfg.base_ckpt}, compile={self.use_compile}")
+            print(self.lora_report.summary())
+            print(f"data: {len(self.train_idx)} train / {len(self.val_idx)} val samples; {self.n_batches} micro-batches "
+                  f"per rank per epoch, {self.steps_per_epoch} steps per epoch; {s.total_steps} steps, warmup "
+                  f"{self.warmup}, {cfg.lr_schedule} LR {cfg.lr:g}")
+            if self.resume_from is not None:
+                print(f"resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
+                      f"{s.batches_in_epoch})")
+        if self.saved is not None:
+            self.log.truncate_after(s.step)
+            self.log.log({"event": "resume", "step": s.step, "from": str(self.resume_from)})
+        else:
+            self.log.log({"event": "start", "step": 0, "world_size": env.world_size,
+                          "train_samples": len(self.train_idx), "val_samples": len(self.val_idx),
+                          "total_steps": s.total_steps, "lora_modules": len(self.lora_report.modules),
+                          "trainable_params": self.lora_report.trainable_params, "command": self.record["command"]})
+
+    def finish(self, stop_reason: str | None, signal_name: str | None) -> int:
+        """After the loop: the non-finite stop (exit 1), the signal stop (checkpoint, exit 0) or the normal end
+        (final validation, checkpoint, `final/`)."""
+        s, env = self.state, self.env
+        if stop_reason == "nonfinite":
+            last = ckpt_io.latest_checkpoint(self.out) if env.is_main else None
+            msg = (f"stopping: {MAX_NONFINITE_IN_A_ROW} non-finite losses/gradients in a row (steps "
+                   f"{s.step - MAX_NONFINITE_IN_A_ROW + 1}..{s.step}); nothing was saved after them. Last good "
+                   f"checkpoint: {last or 'none'}. Lower --lr, check the data, or resume from it.")
+            self.log.log({"event": "stopped_nonfinite", "step": s.step, "last_checkpoint": str(last) if last else None})
+            if env.is_main:
+                print(f"error: {msg}", file=sys.stderr)
+            return 1
+        if stop_reason == "signal":
+            path = self.save("signal") if self.last_saved != s.step else \
+                ckpt_io.checkpoint_root(self.out) / f"step-{s.step:08d}"
+            self.log.log({"event": "interrupted", "step": s.step, "signal": signal_name})
+            self.render_plot()
+            self.say(f"stopped by a signal at step {s.step}; continue with --resume latest (checkpoint {path})")
+            return 0
+        if self.val_set and self.last_val != s.step:
+            self.validate()
+        if self.last_saved != s.step:
+            self.save("end")
+        ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "final" if env.is_main else None, env, self.base)
+        if env.is_main:
+            (self.out / "final" / "final.json").write_text(json.dumps(
+                {"step": s.step, "best_step": s.best_step, "best_val": None if math.isinf(s.best_val) else s.best_val,
+                 "stop_reason": stop_reason or "done"}, indent=2))
+        self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
+        png = self.render_plot()
+        self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "
+                 f"{self.out / 'best' if s.best_step is not None else '-'}; metrics {self.out / 'metrics.jsonl'}; "
+                 f"plot {png}")
+        return 0
+
+    def render_plot(self) -> Path | None:
+        if not self.env.is_main:
+            return None
+        from ..metrics.plot import render_metrics_png
+
+        try:
+            return render_metrics_png(self.out / "metrics.jsonl", self.out / "loss.png")
+        except Exception as e:  # a plot must never fail a finished run
+            print(f"warning: could not render {self.out / 'loss.png'}: {e}", file=sys.stderr)
+            return None

@@ -1,0 +1,41 @@
+"""What sits between a module and the code that uses it: DDP / torch.compile wrappers and FSDP2's DTensors.
+
+One definition each, used by LoRA, checkpoints and the trainer. DTensor is detected with `isinstance` (torch's
+public `torch.distributed.tensor.DTensor`); a build without distributed support simply has none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()  # isinstance(x, ()) is always False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers. An FSDP2 module is
+    the model itself (fully_shard changes the class in place), so it is returned as is."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (a collective: call on every rank); plain tensors pass through."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_device(t: torch.Tensor) -> torch.device:
+    """The device holding this rank's data (a DTensor's local shard, or the tensor itself)."""
+    return t.to_local().device if isinstance(t, DTensor) else t.device
