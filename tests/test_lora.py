@@ -498,6 +498,11 @@ def test_lora_on_fused_text_head_is_refused(tmp_path):
 
     m = load_model(write_tiny_checkpoint(tmp_path / "c", hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2,
                                          dual_layers=(0,)))
-    apply_lora(m, r=2, alpha=4, targets=["audio_decoder_proj.text_lm_head"])
-    with pytest.raises(ValueError, match="text_lm_head is not supported"):
-        m(collate(synth_samples(1), m.config))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="text_lm_head .* is not supported"):  # up front, not at the forward
+        apply_lora(m, r=2, alpha=4, targets=["audio_decoder_proj.text_lm_head"])
+    assert not lora_modules(m) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="text_lm_head .* is not supported"):  # PEFT semantics (load_adapter)
+        apply_lora(m, r=2, alpha=4, targets=["text_lm_head"], peft=True)
+    apply_lora(m, r=2, alpha=4, targets=["audio_decoder_proj.audio_lm_head"])  # the audio head is fine
+    m(collate(synth_samples(1), m.config)).normalized().backward()

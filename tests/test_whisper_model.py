@@ -83,3 +83,34 @@ def test_missing_features_for_a_tower_checkpoint_is_an_error(tower_model):
     s.whisper_lengths = []
     with pytest.raises(ValueError, match="clip-9.*whisper feature chunks"):
         collate([s], tower_model.config)
+
+
+def test_activation_checkpointing_reaches_the_tower(tmp_path):
+    """--activation_checkpointing (model.set_activation_checkpointing) recomputes the decoder layers *and* the
+    tower's layers in backward, with the same gradients (LoRA on the tower too)."""
+    from minihiggs.lora.apply import DEFAULT_TARGETS, apply_lora, lora_parameters
+
+    d = write_tiny_checkpoint(tmp_path / "c", seed=2, hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2,
+                              dual_layers=(1,), audio_tower=TOWER)
+    g = torch.Generator().manual_seed(4)
+    batch = collate([_with_features(synth_sample(g, audio_in=4), [1600], g)], load_model(d).config)
+
+    def grads(checkpointing: bool):
+        model = load_model(d)
+        apply_lora(model, r=2, alpha=4, targets=[*DEFAULT_TARGETS, "audio_tower.*"], seed=0)
+        for p in lora_parameters(model):
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        model.train().set_activation_checkpointing(checkpointing)
+        calls = []
+        model.audio_tower.layers[0].register_forward_pre_hook(lambda *a: calls.append("tower"))
+        model.layers[0].register_forward_pre_hook(lambda *a: calls.append("layer"))  # (pre: recompute stops early)
+        model(batch).normalized().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert plain_calls == ["tower", "layer"]
+    assert sorted(ckpt_calls) == ["layer", "layer", "tower", "tower"]  # both recomputed in backward
+    assert any("audio_tower" in n for n in plain)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-7, rtol=1e-5), n

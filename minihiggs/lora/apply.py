@@ -330,6 +330,12 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: floa
         by_pattern = {k: [p for p in v if not p.startswith(TOWER_PREFIX)] for k, v in by_pattern.items()}
     chosen = set().union(*by_pattern.values())
     paths = [p for p in linears if p in chosen]  # model order
+    # A model can declare modules LoRA must not wrap ({path: why}), e.g. a head its fused loss multiplies by the
+    # weight directly: refused here, before anything is changed, rather than silently ignored later.
+    refused = getattr(model, "LORA_UNSUPPORTED", {})
+    bad = [f"{p} ({refused[p]})" for p in paths if p in refused]
+    if bad:
+        raise ValueError(f"LoRA on {', '.join(bad)} is not supported; adapt other modules")
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -171,6 +171,11 @@ class ForwardOutput:
 
 
 class HiggsAudioModel(nn.Module):
+    # Modules `apply_lora` refuses: the fused text loss multiplies by this weight directly, chunk by chunk, so an
+    # adapter on it would be silently ignored.
+    LORA_UNSUPPORTED = {"audio_decoder_proj.text_lm_head": "the fused text loss head multiplies by the weight "
+                                                           "directly; adapt the backbone or the audio head instead"}
+
     def __init__(self, cfg: HiggsConfig):
         super().__init__()
         self.config = cfg
@@ -278,10 +283,6 @@ class HiggsAudioModel(nn.Module):
     def loss_sums(self, hidden: torch.Tensor, batch: Batch) -> LossSums:
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = self.audio_decoder_proj.text_lm_head
-        if hasattr(head, "lora_A"):
-            # The fused head multiplies by the weight directly, chunk by chunk; an adapter there would be ignored.
-            raise ValueError("LoRA on audio_decoder_proj.text_lm_head is not supported by the fused text loss; "
-                             "adapt the backbone or the audio head instead")
         text_sum, text_count = text_ce_sum(flat.index_select(0, batch.text_loss_pos), head.weight,
                                            batch.text_loss_targets, self.text_chunk_rows)
         rows = flat.index_select(0, batch.audio_out_pos.index_select(0, batch.audio_loss_rows))
