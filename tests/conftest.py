@@ -42,3 +42,8 @@ def shards(tmp_path_factory) -> Path:
     from synth import synth_samples
 
     return make_shards(tmp_path_factory.mktemp("data") / "prepared", synth_samples(N_TRAIN_SAMPLES, seed=1))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extras: needs an optional extra (tensorboard, wandb, matplotlib); "
+                                       "skipped without it, run by `make test-extras`")
