@@ -1,7 +1,9 @@
 """Locating the golden reference sets and materialising their weights into a cache outside ../shared.
 
 Sets are found through $MINIHIGGS_GOLDEN (model variants), $MINIHIGGS_GOLDEN_CODEC (tokenizer variants) and
-$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. Weights are
+$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. The released
+checkpoints' small files (config.json, the weight index, tokenizer files; no weights) are found through
+$MINIHIGGS_REAL (default ../shared/real; `released_models`, `released_codecs`). Weights are
 regenerated with the set's own materialize.py into $MINIHIGGS_CACHE (default: <repo>/.cache/golden), keyed by
 the sha256 of init.json so a changed set is never served stale weights.
 """
@@ -27,6 +29,7 @@ def golden_root(env: str, default: Path) -> Path:
 MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
 CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
 WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
+REAL_ROOT = golden_root("MINIHIGGS_REAL", REPO.parent / "shared" / "real")
 CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
 
 
@@ -35,6 +38,16 @@ def variants(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p.parent for p in root.glob("*/init.json"))
+
+
+def released_models(root: Path = REAL_ROOT) -> list[Path]:
+    """Released model checkpoints under `root`: directories with a config.json and a model.safetensors.index.json."""
+    return sorted(p.parent for p in root.glob("*/model.safetensors.index.json") if (p.parent / "config.json").is_file())
+
+
+def released_codecs(root: Path = REAL_ROOT) -> list[Path]:
+    """Released audio tokenizers under `root`: directories whose config.json is a codec config (it has `n_q`)."""
+    return sorted(p.parent for p in root.glob("*/config.json") if "n_q" in json.loads(p.read_text()))
 
 
 def find_materialize(variant_dir: Path) -> Path:
