@@ -56,6 +56,14 @@ def train_args(data: Path, ckpt: Path, out: Path, **over) -> list[str]:
     return argv
 
 
+def hide_package(monkeypatch, name: str) -> None:
+    """Make `importlib.util.find_spec(name)` report an (optional) package as not installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
+
+
 def adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / ADAPTER_WEIGHTS))
 

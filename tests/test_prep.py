@@ -26,7 +26,6 @@ from minihiggs.audio.io import load_audio
 from minihiggs.text.chatml import encode_chatml, parse_chatml, tts_sample
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.audio.mel import whisper_features
-from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
 NO_CODEC = "/nonexistent/codec"  # loading it would fail: proves that precomputed codes skip the codec
 
@@ -42,18 +41,17 @@ def tone(sr, seconds, channels=1, f0=220.0, seed=0):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, higgs_dir, tok):
     """Checkpoint directories as prep reads them (config.json + the Higgs tokenizer files; prep needs no weights):
     "ff" without a Whisper tower, "whisper" with one."""
     root = tmp_path_factory.mktemp("ckpt")
-    tok_dir = write_higgs_tokenizer(LLAMA_DIR, root / "tok")
     out = {}
     for name, config in (("ff", tiny_config()), ("whisper", tiny_config(audio_tower=TOWER))):
         d = root / name
-        shutil.copytree(tok_dir, d)
+        shutil.copytree(higgs_dir, d)
         (d / "config.json").write_text(json.dumps(config))
         out[name] = d
-    out["tok"] = TextTokenizer.from_dir(tok_dir)
+    out["tok"] = tok
     return out
 
 

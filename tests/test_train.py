@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from helpers import adapter, event_files, max_diff, read_events, train_args
+from helpers import adapter, event_files, hide_package, max_diff, read_events, train_args
 from minihiggs import collate, load_model
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
@@ -132,10 +132,7 @@ def test_report_to_tensorboard_writes_the_metrics(straight):
 
 
 def test_report_to_wandb_without_wandb_is_one_line(shards, tiny_ckpt, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else find_spec(n, *a))
+    hide_package(monkeypatch, "wandb")
     assert train.main(train_args(shards, tiny_ckpt, tmp_path / "run", report_to="tensorboard,wandb")) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py: error: --report_to wandb needs the wandb package") and err.count("\n") == 1

@@ -217,20 +217,6 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
-def test_checkpointed_layers_same_grads():
-    enc, feats, mask = _tiny()
-    enc.train()
-    grads = []
-    for ckpt in (False, True):
-        enc.zero_grad()
-        enc.checkpoint_layers = ckpt
-        h, lengths = enc(feats, mask)
-        valid_rows(h, lengths).square().sum().backward()
-        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
 def test_config_validation():
     base = {"num_mel_bins": 16, "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4,
             "encoder_ffn_dim": 64}
