@@ -158,7 +158,7 @@ def main() -> int:
     print(f"checkpoints:           {run / 'checkpoints'}")
     print(f"metrics:               {run / 'metrics.jsonl'}   TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
     png = run / "loss.png"
-    print(f"loss plot:             {png if png.is_file() else 'none (needs matplotlib: make plot OUT=' + str(run) + ')'}")
+    print(f"loss plot:             {png if png.is_file() else f'none (needs matplotlib: make plot OUT={run})'}")
     print(f"merged checkpoint:     {merged}")
     ok = same and va[-1][1] < va[0][1] and tr[-1][1] < tr[0][1] and abs(check[0] - check[1]) < 1e-3 * check[0]
     if not ok:
