@@ -33,10 +33,6 @@ class MetricLogger:
         self.sinks = list(sinks) if enabled else []
         self.enabled = enabled
 
-    @property
-    def jsonl(self) -> JsonlSink | None:
-        return next((s for s in self.sinks if isinstance(s, JsonlSink)), None)
-
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
