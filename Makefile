@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo prep train plot bench-codec bench clean
+.PHONY: venv test test-extras demo prep train plot bench-codec bench clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The optional extras (requirements-extras.txt: tensorboard, wandb, matplotlib) and the tests that need them.
+EXTRAS := $(VENV)/.extras-installed
+$(EXTRAS): $(STAMP) requirements-extras.txt
+	$(PY) -m pip install -q -r requirements-extras.txt
+	touch $(EXTRAS)
+
+test-extras: $(EXTRAS)
+	$(PY) -m pytest -q -m extras tests
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -34,6 +43,8 @@ bench: $(STAMP)
 bench-codec: $(STAMP)
 	$(PY) scripts/bench_codec.py
 
-# make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also renders it at the end)
+# make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also draws it at every validation
+# when matplotlib is installed; this target installs matplotlib into the venv if it is missing)
 plot: $(STAMP)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"
 	$(PY) scripts/plot_metrics.py $(OUT)

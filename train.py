@@ -9,8 +9,9 @@ One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on e
 is normalised by the step's *global* target counts (all micro-batches, all ranks), so the update equals the one
 of a single batch holding all of them, whatever the split across micro-batches and devices.
 
-Output (`--output_dir`): metrics.jsonl (every logged value), loss.png, checkpoints/step-N (resumable, PEFT
-adapter inside; the newest --keep_checkpoints kept), best/ (lowest validation loss), final/ (end of training).
+Output (`--output_dir`): metrics.jsonl (every logged value), loss.png (with matplotlib), tensorboard/ or wandb/
+(`--report_to`), checkpoints/step-N (resumable, PEFT adapter inside; the newest --keep_checkpoints kept), best/
+(lowest validation loss), final/ (end of training).
 See minihiggs/train/checkpointing.py for the exact layout; the loop is minihiggs/train/recipe.py.
 
 SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and exit 0 (a second signal aborts).

@@ -132,7 +132,7 @@ def main() -> int:
     common = ["--train_manifest", shards, "--base_ckpt", base, "--batch_size", 4, "--grad_accum", 2,
               "--max_steps", STEPS, "--lr", 3e-3, "--warmup", 10, "--lora_r", 16, "--lora_alpha", 32,
               "--lora_dropout", 0.05, "--val_fraction", 0.1, "--log_steps", 5, "--val_steps", 20,
-              "--save_steps", 25, "--seed", 0]
+              "--save_steps", 25, "--seed", 0, "--report_to", "tensorboard"]
     sh([PY, "train.py", *common, "--output_dir", run])
 
     print(f"== 5. resume: a second run continues from the step-{STEPS // 2} checkpoint of the first")
@@ -156,8 +156,9 @@ def main() -> int:
     print(f"merged checkpoint val loss {check[1]:.6f} vs base + adapter {check[0]:.6f}")
     print(f"adapter (PEFT format): {run / 'final'}   best by validation: {run / 'best'}")
     print(f"checkpoints:           {run / 'checkpoints'}")
-    print(f"metrics:               {run / 'metrics.jsonl'}")
-    print(f"loss plot:             {run / 'loss.png'}")
+    print(f"metrics:               {run / 'metrics.jsonl'}   TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
+    png = run / "loss.png"
+    print(f"loss plot:             {png if png.is_file() else f'none (needs matplotlib: make plot OUT={run})'}")
     print(f"merged checkpoint:     {merged}")
     ok = same and va[-1][1] < va[0][1] and tr[-1][1] < tr[0][1] and abs(check[0] - check[1]) < 1e-3 * check[0]
     if not ok:

@@ -26,6 +26,24 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def higgs_dir(tmp_path_factory) -> Path:
+    """The Higgs text tokenizer files: the test Llama-3 tokenizer.json with the Higgs special-token names."""
+    from helpers import LLAMA_DIR
+
+    from minihiggs.text.tokenizer import write_higgs_tokenizer
+
+    return write_higgs_tokenizer(LLAMA_DIR, tmp_path_factory.mktemp("higgs_tok"))
+
+
+@pytest.fixture(scope="session")
+def tok(higgs_dir):
+    """The Higgs text tokenizer (TextTokenizer) built from `higgs_dir`."""
+    from minihiggs.text.tokenizer import TextTokenizer
+
+    return TextTokenizer.from_dir(higgs_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """The training tests' random checkpoint (helpers.TINY) on disk."""
     from helpers import TINY
@@ -42,3 +60,8 @@ def shards(tmp_path_factory) -> Path:
     from synth import synth_samples
 
     return make_shards(tmp_path_factory.mktemp("data") / "prepared", synth_samples(N_TRAIN_SAMPLES, seed=1))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extras: needs an optional extra (tensorboard, wandb, matplotlib); "
+                                       "skipped without it, run by `make test-extras`")

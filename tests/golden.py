@@ -1,7 +1,9 @@
 """Locating the golden reference sets and materialising their weights into a cache outside ../shared.
 
 Sets are found through $MINIHIGGS_GOLDEN (model variants), $MINIHIGGS_GOLDEN_CODEC (tokenizer variants) and
-$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. Weights are
+$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. The released
+checkpoints' small files (config.json, the weight index, tokenizer files; no weights) are found through
+$MINIHIGGS_REAL (default ../shared/real; `released_models`, `released_codecs`). Weights are
 regenerated with the set's own materialize.py into $MINIHIGGS_CACHE (default: <repo>/.cache/golden), keyed by
 the sha256 of init.json so a changed set is never served stale weights.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +30,7 @@ def golden_root(env: str, default: Path) -> Path:
 MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
 CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
 WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
+REAL_ROOT = golden_root("MINIHIGGS_REAL", REPO.parent / "shared" / "real")
 CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
 
 
@@ -35,6 +39,16 @@ def variants(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p.parent for p in root.glob("*/init.json"))
+
+
+def released_models(root: Path = REAL_ROOT) -> list[Path]:
+    """Released model checkpoints under `root`: directories with a config.json and a model.safetensors.index.json."""
+    return sorted(p.parent for p in root.glob("*/model.safetensors.index.json") if (p.parent / "config.json").is_file())
+
+
+def released_codecs(root: Path = REAL_ROOT) -> list[Path]:
+    """Released audio tokenizers under `root`: directories whose config.json is a codec config (it has `n_q`)."""
+    return sorted(p.parent for p in root.glob("*/config.json") if "n_q" in json.loads(p.read_text()))
 
 
 def find_materialize(variant_dir: Path) -> Path:
@@ -62,8 +76,25 @@ def materialized(variant_dir: Path) -> Path:
     return out
 
 
+def audio_in_chunks(raw: dict, config: dict) -> list[int] | None:
+    """Chunks of each audio-in clip of one raw sample as the reference collator counts them: with
+    `encode_whisper_embed`, ceil(16 kHz samples / 480000) (librosa resamples to ceil(n * 16000 / rate) samples);
+    without, the collator never chunks (None)."""
+    from minihiggs.audio.mel import CHUNK_SAMPLES
+
+    if not config.get("encode_whisper_embed"):
+        return None
+    starts = raw["audio_waveforms_start"].tolist()
+    ends = starts[1:] + [raw["audio_waveforms_concat"].numel()]
+    rates = raw["audio_sample_rate"].tolist()
+    n16 = [e - s if int(r) == 16000 else math.ceil((e - s) * 16000 / r) for s, e, r in zip(starts, ends, rates)]
+    return [max(1, math.ceil(n / CHUNK_SAMPLES)) for n in n16]
+
+
 def golden_samples(variant_dir: Path) -> list:
-    """The variant's raw samples (samples.safetensors) as minihiggs `Sample`s, placeholder order preserved.
+    """The variant's raw samples (samples.safetensors) as minihiggs `Sample`s in the upstream layout: code
+    segments in placeholder order, and for a Whisper clip over 30 s one `<|AUDIO|>` with one segment per chunk
+    (`audio_in_chunks`, README quirk 17), which `collate` expands as the reference collator does.
 
     Whisper features (tower variants) are taken from the collated batch.safetensors rows, in the order the
     reference fed them, so model parity is tested independently of the log-mel implementation.
@@ -72,8 +103,10 @@ def golden_samples(variant_dir: Path) -> list:
 
     from minihiggs.data.sample import Sample
 
-    raw = load_file(str(Path(variant_dir) / "samples.safetensors"))
-    batch = load_file(str(Path(variant_dir) / "batch.safetensors"))
+    variant_dir = Path(variant_dir)
+    config = json.loads((variant_dir / "config.json").read_text())
+    raw = load_file(str(variant_dir / "samples.safetensors"))
+    batch = load_file(str(variant_dir / "batch.safetensors"))
     n = len({k.split(".")[0] for k in raw})
     feats = batch.get("audio_features")
     fmask = batch.get("audio_feature_attention_mask")
@@ -86,14 +119,15 @@ def golden_samples(variant_dir: Path) -> list:
         ends = starts[1:] + [concat.shape[1]]
         codes = [concat[:, s:e].clone() for s, e in zip(starts, ends)]
         s = Sample(input_ids=g["input_ids"].long(), label_ids=g["label_ids"].long(), audio_codes=codes,
-                   sample_id=f"{Path(variant_dir).name}-{i}")
+                   sample_id=f"{variant_dir.name}-{i}", audio_in_chunks=audio_in_chunks(g, config))
         if feats is not None:
-            cfg = json.loads((Path(variant_dir) / "config.json").read_text())
-            n_in = int((s.input_ids == cfg["audio_in_token_idx"]).sum())
+            n_in = sum(s.audio_in_chunks) if s.audio_in_chunks is not None else \
+                int((s.input_ids == config["audio_in_token_idx"]).sum())
             s.whisper_features = [feats[chunk + j] for j in range(n_in)]
             s.whisper_lengths = [int(fmask[chunk + j].sum()) for j in range(n_in)]
             chunk += n_in
         out.append(s)
+    assert feats is None or chunk == feats.shape[0], f"{variant_dir}: {chunk} audio-in chunks, {feats.shape[0]} rows"
     return out
 
 

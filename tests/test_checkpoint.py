@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import REPO
 from minihiggs import load_model
 from minihiggs.model.checkpoint import CheckpointError
 from minihiggs.model.tiny import write_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2, dual_layers=(0,))
 
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from golden import CODEC_ROOT, materialized, variants
-from minihiggs.audio.io import resample
+from minihiggs.audio.io import resample, to_mono
 from minihiggs.codec import AudioTokenizer, CheckpointError, CodecConfig
 from minihiggs.codec.loading import DEFAULT_REPO, convert_checkpoint, expected_tensors, read_checkpoint, unused_tensors
 
@@ -76,7 +76,9 @@ def golden(path: Path) -> dict[str, torch.Tensor]:
 
 
 def wave_24k(g: dict[str, torch.Tensor]) -> np.ndarray:
-    return resample(g["wave_in"].numpy(), int(g["sample_rate_in"]), 24000)
+    """The clip as the reference encodes it: channels averaged in float32 (a `wave_in` may be [channels, n],
+    read from a multi-channel file), then soxr-resampled to 24 kHz."""
+    return resample(to_mono(g["wave_in"].numpy()), int(g["sample_rate_in"]), 24000)
 
 
 def trace(tok: AudioTokenizer, path: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +123,38 @@ def test_encode_file_codes_exact(codec, variant, path):
     g = golden(path)
     codes = codec(variant).encode_file(variant / "clips" / f"{path.stem}.wav")
     assert torch.equal(codes, g["codes"]), match_report(codes, g["codes"])
+
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_encode_batch_codes_exact(codec, variant):
+    """encode_batch on the golden arrays as stored (any channel count), one call per input sample rate."""
+    by_rate: dict[int, list[Path]] = {}
+    for v, p in CLIPS:
+        if v == variant:
+            by_rate.setdefault(int(golden(p)["sample_rate_in"]), []).append(p)
+    for rate, paths in by_rate.items():
+        codes = codec(variant).encode_batch([golden(p)["wave_in"].numpy() for p in paths], sample_rate=rate)
+        for p, c in zip(paths, codes):
+            assert torch.equal(c, golden(p)["codes"]), f"{p.stem}: {match_report(c, golden(p)['codes'])}"
+
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_multichannel_clip_is_downmixed_the_same_everywhere(codec, variant, tmp_path):
+    """A [channels, n] array is averaged in float32 before resampling, as the reference reads a multi-channel
+    file: encode, encode_batch and encode_file (of the same samples as a WAV) give the same codes."""
+    import soundfile as sf
+
+    tok = codec(variant)
+    g = golden(min((p for v, p in CLIPS if v == variant), key=lambda p: golden(p)["wave_in"].numel()))
+    rate = int(g["sample_rate_in"])
+    left = to_mono(g["wave_in"].numpy())
+    stereo = np.stack([left, 0.5 * np.roll(left, 37)]).astype(np.float32)
+    mixed = tok.encode(np.mean(stereo, axis=0, dtype=np.float32), sample_rate=rate)
+    assert not torch.equal(mixed, tok.encode(stereo[0], sample_rate=rate))  # the second channel matters
+    assert torch.equal(tok.encode(stereo, sample_rate=rate), mixed)
+    assert torch.equal(tok.encode_batch([torch.from_numpy(stereo)], sample_rate=rate)[0], mixed)
+    sf.write(tmp_path / "stereo.wav", stereo.T, rate, subtype="FLOAT")
+    assert torch.equal(tok.encode_file(tmp_path / "stereo.wav"), mixed)
 
 
 @pytest.mark.parametrize("variant,path", CLIP_PARAMS)
@@ -205,8 +239,10 @@ def test_frame_count_formula(codec, variant):
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)
 def test_encode_rejects_bad_input(codec, variant):
     tok = codec(variant)
-    with pytest.raises(ValueError, match="mono"):
-        tok.encode(np.zeros((2, 24000), np.float32))
+    with pytest.raises(ValueError, match=r"\[samples, channels\] array\? transpose it"):
+        tok.encode(np.zeros((24000, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\[channels, samples\], got shape \(1, 2, 24000\)"):
+        tok.encode_batch([np.zeros((1, 2, 24000), np.float32)])
     # Shortest clips: below these the reference itself fails (HuBERT, then its first acoustic pass, has no frame).
     for n in (100, 600):
         with pytest.raises(ValueError, match="too short"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from golden import MODEL_ROOT, golden_samples, model_dir, variants
+from golden import MODEL_ROOT, audio_in_chunks, golden_samples, model_dir, variants
 from minihiggs import collate, load_model
 
 VARIANTS = variants(MODEL_ROOT)
@@ -23,6 +23,17 @@ ATOL, RTOL, LOSS_TOL = 1e-5, 1e-4, 1e-5
 
 def test_golden_set_present():
     assert VARIANTS, f"no golden model variants under {MODEL_ROOT} (set $MINIHIGGS_GOLDEN)"
+
+
+def test_chunk_counts_of_upstream_raw_samples():
+    """golden_samples gives a raw sample's Whisper clips their reference chunk counts (quirk 17): ceil of the
+    16 kHz length (librosa: ceil(n * 16000 / rate)) over 30 s; none without encode_whisper_embed."""
+    lengths, rates = [480000, 480001, 24000 * 65, 44100 * 30 + 2], [16000, 16000, 24000, 44100]
+    raw = {"audio_waveforms_concat": torch.zeros(sum(lengths)),
+           "audio_sample_rate": torch.tensor(rates, dtype=torch.float32),
+           "audio_waveforms_start": torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()])}
+    assert audio_in_chunks(raw, {"encode_whisper_embed": True}) == [1, 2, 3, 2]
+    assert audio_in_chunks(raw, {"encode_whisper_embed": False}) is None
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda p: p.name)

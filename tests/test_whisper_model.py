@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from minihiggs import collate, load_model
-from minihiggs.audio.mel import whisper_rows
-from minihiggs.model.tiny import write_tiny_checkpoint
 from helpers import TOWER
-from synth import AUDIO, synth_sample
-
+from minihiggs import Sample, collate, load_model
+from minihiggs.audio.mel import whisper_rows
+from minihiggs.data.batch import segment_columns
+from minihiggs.model.tiny import write_tiny_checkpoint
+from synth import AUDIO, AUDIO_BOS, AUDIO_EOS, AUDIO_OUT, AUDIO_OUT_BOS, BOS, EH, EOT, NL, SH, synth_sample
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,52 @@ def test_two_chunks_two_placeholders(tower_model):
     assert b.whisper_rows.tolist() == [750, 200]
     assert b.audio_in_pos.numel() == (3 + 9) + (2 + 9)
     assert torch.isfinite(tower_model(b).normalized())
+
+
+def test_upstream_layout_long_clip_expands_per_chunk(tower_model):
+    """The reference's raw layout (golden README quirk 17): ONE <|AUDIO|> per clip, one code segment and one
+    Whisper chunk per 30 s chunk, the chunk counts in `audio_in_chunks`. collate repeats the clip's triple per
+    chunk (labels too): the batch equals that of the one-triple-per-chunk sample prep writes."""
+    g = torch.Generator().manual_seed(5)
+    text = lambda n: torch.randint(0, 128000, (n,), generator=g).tolist()  # noqa: E731
+    triple = [AUDIO_BOS, AUDIO, AUDIO_EOS]
+    head, mid = [BOS, SH, 882, EH, NL] + text(3), text(2)
+    tail = [EOT, SH, 78191, EH, NL]
+    out = [AUDIO_OUT_BOS, AUDIO_OUT, AUDIO_EOS, EOT]
+
+    def sample(clip_a_triples: int, **kw) -> Sample:
+        ids = head + triple * clip_a_triples + mid + triple + tail + out
+        labels = [-100] * (len(ids) - len(out)) + out
+        return Sample(torch.tensor(ids), torch.tensor(labels), codes, whisper_features=feats,
+                      whisper_lengths=lengths, sample_id="long", **kw)
+
+    codes = [torch.randint(0, 1024, (8, n), generator=g) for n in (5, 5, 2, 3, 4)]  # clip A: 3 chunks, B: 1, out
+    lengths = [3000, 3000, 400, 1200]  # 30 s, 30 s, 4 s; 12 s
+    feats = [torch.randn(128, 3000, generator=g) for _ in lengths]
+    upstream = sample(1, audio_in_chunks=[3, 1])
+    canonical = sample(3)
+    before = upstream.input_ids.clone()
+    a, b = collate([upstream], tower_model.config), collate([canonical], tower_model.config)
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+    assert torch.equal(upstream.input_ids, before) and upstream.audio_in_chunks == [3, 1]  # not mutated
+    # the expanded layout itself: 4 triples, each [bos, its Whisper rows, its code columns, eos] in chunk order
+    assert a.whisper_rows.tolist() == [750, 750, 100, 300]
+    assert int((a.input_ids == AUDIO_BOS).sum()) == 4
+    assert a.audio_in_codes.shape[1] == sum(n + 9 for n in (5, 5, 2, 3))
+    first = segment_columns(codes[0], tower_model.config, trained=False)[0]
+    assert torch.equal(a.audio_in_codes[:, :first.shape[1]], first)
+    assert int(a.whisper_pos[749]) + 1 == int(a.audio_in_pos[0])
+    assert int(a.audio_in_pos[first.shape[1] - 1]) + 3 == int(a.whisper_pos[750])  # eos, bos, then chunk 2
+    assert torch.equal(a.audio_out_codes, segment_columns(codes[4], tower_model.config, trained=True)[0])
+    assert a.text_loss_targets.tolist() == b.text_loss_targets.tolist() and a.audio_loss_rows.numel() > 0
+    # without (or with wrong) chunk counts the placeholders and segments cannot be matched: an error, never a shift
+    with pytest.raises(ValueError, match="long.*5 audio code segments.*audio_in_chunks"):
+        collate([sample(1)], tower_model.config)
+    for bad in ([2, 1], [3], [3, 0]):
+        with pytest.raises(ValueError, match="long"):
+            collate([sample(1, audio_in_chunks=bad)], tower_model.config)
 
 
 def test_batch_without_audio_in_trains_without_tower(tower_model):

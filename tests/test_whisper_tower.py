@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, materialized, variants
-from minihiggs.config import ConfigError
+from minihiggs.config import ConfigError, HiggsConfig
 from minihiggs.model.whisper import (AudioEncoderProjector, WhisperConfig, WhisperEncoder, feature_lengths,
                                valid_rows)
 
@@ -27,7 +27,7 @@ def _config(v: Path) -> dict:
     return json.loads((v / "config.json").read_text())
 
 
-TOWER_VARIANTS = [v for v in variants(MODEL_ROOT) if _config(v).get("skip_audio_tower", True) is False]
+TOWER_VARIANTS = [v for v in variants(MODEL_ROOT) if HiggsConfig.from_dict(_config(v)).has_audio_tower]
 
 
 def test_golden_set_has_a_tower_variant():
@@ -134,8 +134,10 @@ def test_tower_lora_targets_and_outputs(v):
 def test_chunks_are_independent(v):
     enc, _ = _build(v)
     b = load_file(str(v / "batch.safetensors"))
-    feats, mask = b["audio_features"], b["audio_feature_attention_mask"]
-    assert feats.shape[0] >= 2
+    # The golden chunks plus one random full chunk: at least two, whatever the set holds.
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([b["audio_features"], torch.randn(b["audio_features"][:1].shape, generator=g)])
+    mask = torch.cat([b["audio_feature_attention_mask"], torch.ones_like(b["audio_feature_attention_mask"][:1])])
     with torch.no_grad():
         full, lengths = enc(feats, mask)
         for i in range(feats.shape[0]):
@@ -213,20 +215,6 @@ def test_bf16_close_to_fp32():
         got, _ = enc.to(torch.bfloat16)(feats, mask)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
-
-
-def test_checkpointed_layers_same_grads():
-    enc, feats, mask = _tiny()
-    enc.train()
-    grads = []
-    for ckpt in (False, True):
-        enc.zero_grad()
-        enc.checkpoint_layers = ckpt
-        h, lengths = enc(feats, mask)
-        valid_rows(h, lengths).square().sum().backward()
-        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_config_validation():

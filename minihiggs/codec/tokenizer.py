@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..audio.io import load_audio, resample as resample_soxr
+from ..audio.io import load_audio, resample as resample_soxr, to_mono
 from .acoustic import Decoder, Encoder
 from .loading import DEFAULT_REPO, CodecConfig, convert_checkpoint, read_checkpoint, resolve
 from .quantizer import Quantizer
@@ -120,10 +120,12 @@ class AudioTokenizer(nn.Module):
         if isinstance(wave, torch.Tensor):
             wave = wave.detach().to("cpu", torch.float32).numpy()
         wave = np.asarray(wave, dtype=np.float32)
-        if wave.ndim == 2 and wave.shape[0] == 1:
-            wave = wave[0]
-        if wave.ndim != 1:
-            raise ValueError(f"encode expects a mono waveform [samples], got shape {wave.shape}")
+        if wave.ndim not in (1, 2) or (wave.ndim == 2 and wave.shape[0] > wave.shape[1]):
+            raise ValueError(f"encode expects a waveform [samples] or [channels, samples], got shape {wave.shape}"
+                             + (" (a [samples, channels] array? transpose it)" if wave.ndim == 2 else ""))
+        # Channels are averaged in float32 before resampling, as the reference reads files (librosa mono=True):
+        # an array and the file it came from give the same codes, whichever of encode/encode_batch/encode_file.
+        wave = to_mono(wave)
         if sample_rate is not None and sample_rate != self.sample_rate:
             wave = resample_soxr(wave, sample_rate, self.sample_rate)
         if not np.isfinite(wave).all():
@@ -135,7 +137,8 @@ class AudioTokenizer(nn.Module):
 
     @torch.inference_mode()
     def encode(self, wave: Wave, sample_rate: int | None = None) -> torch.Tensor:
-        """Mono waveform [n] (24 kHz unless `sample_rate` says otherwise; then soxr-resampled) -> codes [8, frames] int64 on CPU."""
+        """Waveform [n] or [channels, n] (down-mixed; 24 kHz unless `sample_rate` says otherwise, then
+        soxr-resampled) -> codes [8, frames] int64 on CPU."""
         return self._encode_equal_length(self._as_wave(wave, sample_rate)[None])[0].cpu()
 
     # Encode activations take roughly 1.5-3.5 KB per input sample (64 channels at 24 kHz, a few live copies), so a

@@ -172,7 +172,7 @@ def collate(samples: list[Sample], cfg: HiggsConfig, round_to: int = 8) -> Batch
         raise ValueError("collate: empty list of samples")
     for s in samples:
         _check_sample(s, cfg)
-    rows = [_merge_row(s, cfg) for s in samples]
+    rows = [_merge_row(s.expanded(cfg.audio_in_token_id), cfg) for s in samples]  # (upstream layout: per chunk)
     b = len(rows)
     length = max(len(r["ids"]) for r in rows)
     length = (length + round_to - 1) // round_to * round_to

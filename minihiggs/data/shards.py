@@ -40,8 +40,6 @@ from .sample import Sample
 FORMAT = "minihiggs-shards"
 VERSION = 1
 ALIGN = 8
-CODES_PER_SECOND = 25
-WHISPER_MAX_ROWS = 750
 
 
 def shard_name(k: int) -> str:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..errors import AdapterError
 from ..fsio import atomic_dir
 from ..hub import resolve_dir
 from ..wrappers import unwrap
@@ -92,10 +93,10 @@ def adapter_config_dict(r: int, alpha: float, dropout: float, target_modules: li
 def validate_adapter_config(cfg: dict, where: str = "adapter_config.json") -> None:
     """Raise for anything this LoRA cannot reproduce exactly (rather than silently loading something else)."""
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+        raise AdapterError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for k in ("r", "lora_alpha", "target_modules"):
         if k not in cfg:
-            raise ValueError(f"{where}: missing field {k!r}")
+            raise AdapterError(f"{where}: missing field {k!r}")
     if cfg.get("bias", "none") != "none":
         raise NotImplementedError(f"{where}: bias={cfg['bias']!r} (trained biases) is not supported")
     for k in ("use_dora", "fan_in_fan_out", "layers_to_transform", "layer_replication", "rank_pattern",

@@ -1,6 +1,7 @@
-"""Experiment metrics: the logger interface and its sinks (`logger`, `jsonl`), reading them back, loss plots."""
+"""Experiment metrics: the logger interface (`logger`) and its sinks (`jsonl`, `tensorboard`, `wandb_sink`; the
+scalars they show: `scalars`), reading metrics.jsonl back, loss plots (`plot`, matplotlib)."""
 
 from .jsonl import JsonlSink, read_metrics, series
-from .logger import MetricLogger, make_logger
+from .logger import REPORT_TO, MetricLogger, make_logger
 
-__all__ = ["JsonlSink", "MetricLogger", "make_logger", "read_metrics", "series"]
+__all__ = ["JsonlSink", "MetricLogger", "REPORT_TO", "make_logger", "read_metrics", "series"]

@@ -45,10 +45,6 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def reset(self) -> None:
-        """Recompute the (non-persistent) frequencies, e.g. after meta-device construction."""
-        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
-
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
         emb = torch.cat([freqs, freqs], dim=-1)

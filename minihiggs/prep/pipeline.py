@@ -238,14 +238,19 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
             ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=worker_mod._init_worker,
                                      initargs=(settings, q))
             ok = False
+
+            def drain(timeout: float) -> None:
+                """Hand every queued progress message to the bar (waiting up to `timeout` for the next one)."""
+                try:
+                    while True:
+                        on_progress(*q.get(timeout=timeout))
+                except queue_mod.Empty:
+                    pass
+
             try:
                 pending = {ex.submit(worker_mod._run_job, j) for j in todo}
                 while pending:
-                    try:
-                        while True:
-                            on_progress(*q.get(timeout=0.2))
-                    except queue_mod.Empty:
-                        pass
+                    drain(0.2)
                     finished, pending = futures_wait(pending, timeout=0)
                     for f in finished:
                         try:
@@ -257,11 +262,7 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
                             raise PrepError(f"worker failed on {res['name']}: {res['failed']}\n"
                                             f"{res['traceback']}")
                         results.append(res)
-                try:
-                    while True:
-                        on_progress(*q.get(timeout=0.05))
-                except queue_mod.Empty:
-                    pass
+                drain(0.05)
                 ok = True
             finally:
                 if ok:

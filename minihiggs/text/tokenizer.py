@@ -212,10 +212,6 @@ class TextTokenizer:
         return self.encoding.name
 
 
-def load_text_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    return TextTokenizer.from_dir(path)
-
-
 def write_higgs_tokenizer(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Copy a Llama-3 tokenizer dir (tokenizer.json [+ tokenizer_config.json]) to `out_dir`, renaming the
     special tokens Higgs Audio renames (`HIGGS_SPECIAL_TOKENS`). The BPE is untouched. Returns `out_dir`."""

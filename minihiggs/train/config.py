@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..constants import DEFAULT_BASE_REPO
 from ..errors import TrainConfigError
 from ..lora.apply import DEFAULT_TARGETS
+from ..metrics.logger import parse_report_to
 from .schedule import SCHEDULES
 
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
@@ -62,6 +63,9 @@ class TrainConfig:
     fsdp: bool = _flag(False, "shard the frozen base with FSDP2 (torchrun)", "logging, checkpoints, runtime")
     compile: bool | None = _flag(None, "torch.compile each decoder layer (default: on for CUDA, off on CPU)",
                                  "logging, checkpoints, runtime", action=argparse.BooleanOptionalAction)
+    report_to: str = _flag("jsonl", "metric sinks, comma-separated: jsonl (metrics.jsonl, always on), tensorboard "
+                                    "(OUTPUT_DIR/tensorboard), wandb (needs the wandb package)",
+                           "logging, checkpoints, runtime", metavar="jsonl,tensorboard,wandb")
     activation_checkpointing: bool = _flag(False, "recompute decoder layers (and Whisper tower layers) in backward "
                                                   "(long sequences on small GPUs)", "logging, checkpoints, runtime")
 
@@ -77,6 +81,7 @@ class TrainConfig:
             raise TrainConfigError("--log_steps must be >= 1; --val_steps, --save_steps and --keep_checkpoints >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainConfigError("--val_fraction must be in [0, 1)")
+        self.report_to = ",".join(parse_report_to(self.report_to))
         return self
 
 

@@ -52,6 +52,7 @@ class LoRARecipe:
                        "world_size": env.world_size, "torch": torch.__version__}
         self.state = TrainState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
         self.pbar = None  # the progress bar while the loop runs; messages go through it so they do not tear it
+        self.plot_note_shown = False
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -75,10 +76,8 @@ class LoRARecipe:
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temporaries(self.out)
-        self.log = make_logger(self.out, enabled=env.is_main)
-        jsonl = self.log.jsonl
-        if jsonl is not None and self.saved is None and jsonl.path.exists():
-            jsonl.path.unlink()  # a run that never checkpointed: start its history afresh
+        self.log = make_logger(self.out, enabled=env.is_main, report_to=cfg.report_to, config=self.record["args"],
+                               resume=self.saved is not None)
 
     def setup_data(self) -> None:
         """Shards, the stable train/val split, this rank's length-bucketed sampler and the validation batches."""
@@ -179,6 +178,7 @@ class LoRARecipe:
                       "audio_targets": rep["audio_targets"], "best": improved})
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
+        self.render_plot()  # redrawn at every validation: a running job can be looked at
         return rep
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
@@ -272,7 +272,10 @@ class LoRARecipe:
             self.pbar.close()
             self.pbar = None
             stop.restore()
-        return self.finish(stop_reason, stop.signal)
+        try:
+            return self.finish(stop_reason, stop.signal)
+        finally:
+            self.log.close()
 
     def clip_gradients(self) -> float:
         from ..wrappers import full_tensor
@@ -334,17 +337,23 @@ class LoRARecipe:
         self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
         png = self.render_plot()
         self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "
-                 f"{self.out / 'best' if s.best_step is not None else '-'}; metrics {self.out / 'metrics.jsonl'}; "
-                 f"plot {png}")
+                 f"{self.out / 'best' if s.best_step is not None else '-'}; metrics {self.out / 'metrics.jsonl'}"
+                 + (f"; plot {png}" if png else ""))
         return 0
 
     def render_plot(self) -> Path | None:
+        """output_dir/loss.png from metrics.jsonl; without matplotlib none, and one note saying how to get it."""
         if not self.env.is_main:
             return None
-        from ..metrics.plot import render_metrics_png
+        from ..metrics.plot import MATPLOTLIB_NOTE, have_matplotlib, render_metrics_png
 
+        if not have_matplotlib():
+            if not self.plot_note_shown:
+                self.plot_note_shown = True
+                self.say(f"note: {MATPLOTLIB_NOTE}")
+            return None
         try:
             return render_metrics_png(self.out / "metrics.jsonl", self.out / "loss.png")
-        except Exception as e:  # a plot must never fail a finished run
+        except Exception as e:  # a plot must never fail a run
             print(f"warning: could not render {self.out / 'loss.png'}: {e}", file=sys.stderr)
             return None
