@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import functools
+import os
 import signal
+import threading
 
 import torch
 
 from ..config import HiggsConfig
 from ..data.batch import Batch, collate
 from ..data.dataset import BucketBatchSampler, ShardDataset
-from ..errors import ShardError
+from ..errors import ShardError, UserError
 
 
 def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
-    """Shards prepared for another checkpoint layout would fail deep inside collate; say so up front."""
+    """Shards prepared for another checkpoint layout (or holding ids the model cannot embed) would fail deep
+    inside collate or the forward; say so up front, before the model is loaded."""
+    ds.check_vocab(cfg.text.vocab_size)
     if ds.num_codebooks < cfg.audio_num_codebooks:
         raise ShardError(f"{ds.path}: prepared with {ds.num_codebooks} codebooks, the model needs "
                          f"{cfg.audio_num_codebooks}")
@@ -27,23 +30,106 @@ def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
                          f"prep.py with this --base_ckpt")
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM / SIGINT. Schedulers (SLURM, torchrun) and Ctrl-C signal the whole
-    process group; a worker dying from it makes the main process raise "DataLoader worker ... killed" in the
-    middle of the step it is supposed to finish. Workers still exit when the main process does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _stop_signals_from_parent_only(worker_id: int) -> None:
+    """DataLoader workers obey SIGTERM / SIGINT from their parent only (the DataLoader's own shutdown, and
+    Python's exit-time `terminate()` of daemonic children) and ignore everyone else's.
+
+    Schedulers (SLURM) and Ctrl-C signal the whole process group: a worker dying from that makes the main process
+    raise "DataLoader worker ... killed" in the middle of the step it is supposed to finish. But a worker that
+    ignored *every* SIGTERM could not be stopped by its parent either, and an exception or an abort with a live
+    loader then hung forever in the interpreter's exit-time join of it. Python handlers are not told the sender,
+    so the signals are blocked and a thread takes them with `sigwaitinfo`, which is (Linux). Elsewhere they are
+    ignored, and `LoaderBatches.close` kills what its shutdown left behind."""
+    parent = os.getppid()
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started from now on inherit the mask
+
+    def obey_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo(sigs)
+            if info.si_pid == parent and info.si_signo == signal.SIGTERM:
+                os._exit(0)
+
+    threading.Thread(target=obey_parent, name="minihiggs-stop-signals", daemon=True).start()
+
+
+class WorkerError:
+    """A `UserError` raised while fetching a batch, carried to the main process as the batch itself: re-raised
+    there as the same class with the same one-line message (torch would re-raise it with the worker's traceback
+    inside the message)."""
+
+    def __init__(self, error: UserError):
+        self.cls, self.message = type(error), str(error)
+
+    def exception(self) -> Exception:
+        try:
+            return self.cls(self.message)
+        except Exception:  # a class whose constructor wants other arguments
+            return UserError(self.message)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The loader's dataset: one `__getitems__` call per batch (sample reads + collate), UserErrors as values."""
+
+    def __init__(self, ds: ShardDataset, cfg: HiggsConfig):
+        self.ds, self.cfg = ds, cfg
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> Batch | WorkerError:
+        try:
+            return collate([self.ds[i] for i in indices], self.cfg)
+        except UserError as e:
+            return WorkerError(e)
+
+
+def _as_is(batch):
+    return batch
 
 
 def train_loader(ds: ShardDataset, sampler: BucketBatchSampler, cfg: HiggsConfig, num_workers: int,
                  pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Batches come from `sampler` (set its epoch and position before each `iter`). The loader gets its own
-    generator: creating an iterator otherwise draws a seed from the *global* torch RNG, which would shift the
-    dropout stream at every epoch start and break bitwise resume."""
+    """Batches come from `sampler` (set its epoch and position before each `iter`); iterate through
+    `LoaderBatches`. The loader gets its own generator: creating an iterator otherwise draws a seed from the
+    *global* torch RNG, which would shift the dropout stream at every epoch start and break bitwise resume."""
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=functools.partial(collate, cfg=cfg), num_workers=num_workers,
-        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals,
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+        _Batches(ds, cfg), batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_stop_signals_from_parent_only, persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None)
+
+
+class LoaderBatches:
+    """One pass of the loader: `next()` gives a Batch or raises the worker's UserError (one line); `close()`
+    stops the workers now. Always close it (the loop does, in `finally`): left to the garbage collector, an
+    iterator kept alive by a traceback outlives the run and the interpreter's exit waits for its workers."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self._it = iter(loader)
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        if isinstance(batch, WorkerError):
+            self.close()
+            raise batch.exception()
+        return batch
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is None:
+            return
+        shutdown = getattr(it, "_shutdown_workers", None)  # (no public API; the iterator's __del__ calls it)
+        if shutdown is not None:
+            shutdown()
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():  # ignored the shutdown (no sigwaitinfo on this platform): no more waiting
+                w.kill()
+                w.join(timeout=5)
 
 
 def val_batches(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: int,
