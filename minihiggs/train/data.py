@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import atexit
 import signal
-import threading
+import weakref
 
 import torch
 
@@ -30,31 +30,16 @@ def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
                          f"prep.py with this --base_ckpt")
 
 
-def _stop_signals_from_parent_only(worker_id: int) -> None:
-    """DataLoader workers obey SIGTERM / SIGINT from their parent only (the DataLoader's own shutdown, and
-    Python's exit-time `terminate()` of daemonic children) and ignore everyone else's.
-
-    Schedulers (SLURM) and Ctrl-C signal the whole process group: a worker dying from that makes the main process
-    raise "DataLoader worker ... killed" in the middle of the step it is supposed to finish. But a worker that
-    ignored *every* SIGTERM could not be stopped by its parent either, and an exception or an abort with a live
-    loader then hung forever in the interpreter's exit-time join of it. Python handlers are not told the sender,
-    so the signals are blocked and a thread takes them with `sigwaitinfo`, which is (Linux). Elsewhere they are
-    ignored, and `LoaderBatches.close` kills what its shutdown left behind."""
-    parent = os.getppid()
-    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return
-    sigs = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started from now on inherit the mask
-
-    def obey_parent() -> None:
-        while True:
-            info = signal.sigwaitinfo(sigs)
-            if info.si_pid == parent and info.si_signo == signal.SIGTERM:
-                os._exit(0)
-
-    threading.Thread(target=obey_parent, name="minihiggs-stop-signals", daemon=True).start()
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGINT. Schedulers (SLURM) and Ctrl-C signal the whole process group;
+    a worker dying from it makes the main process raise "DataLoader worker ... killed" in the middle of the step
+    it is supposed to finish. (torch's own worker handler would obey only the parent's SIGTERM, but it is C code
+    and the signal reaches whichever thread of the worker does not block it.) The price: nothing outside the main
+    process can stop a worker, so the main process must: `LoaderBatches.close` on every way out of the loop, and
+    at interpreter exit for a pass left open (Python's exit-time `terminate()` + `join()` of daemonic children
+    would wait for them forever)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class WorkerError:
@@ -100,17 +85,18 @@ def train_loader(ds: ShardDataset, sampler: BucketBatchSampler, cfg: HiggsConfig
     return torch.utils.data.DataLoader(
         _Batches(ds, cfg), batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_stop_signals_from_parent_only, persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals, persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None)
 
 
 class LoaderBatches:
-    """One pass of the loader: `next()` gives a Batch or raises the worker's UserError (one line); `close()`
-    stops the workers now. Always close it (the loop does, in `finally`): left to the garbage collector, an
-    iterator kept alive by a traceback outlives the run and the interpreter's exit waits for its workers."""
+    """One pass of the loader: `next()` gives a Batch or raises the worker's UserError (one line); `close()` stops
+    the workers now. Close it on every way out (the loop does, in `finally`); a pass still open at interpreter
+    exit (e.g. kept alive by a traceback) is closed then, before Python's own wait for its child processes."""
 
     def __init__(self, loader: torch.utils.data.DataLoader):
         self._it = iter(loader)
+        _OPEN.add(self)
 
     def __next__(self) -> Batch:
         batch = next(self._it)
@@ -121,15 +107,25 @@ class LoaderBatches:
 
     def close(self) -> None:
         it, self._it = self._it, None
+        _OPEN.discard(self)
         if it is None:
             return
         shutdown = getattr(it, "_shutdown_workers", None)  # (no public API; the iterator's __del__ calls it)
         if shutdown is not None:
-            shutdown()
+            shutdown()  # tells the workers to exit, waits a few seconds, then terminate(): ignored by them, so
         for w in getattr(it, "_workers", []):
-            if w.is_alive():  # ignored the shutdown (no sigwaitinfo on this platform): no more waiting
+            if w.is_alive():  # a worker still busy (or stuck) after that: no more waiting
                 w.kill()
                 w.join(timeout=5)
+
+
+_OPEN: "weakref.WeakSet[LoaderBatches]" = weakref.WeakSet()
+
+
+@atexit.register  # (runs before multiprocessing's exit handler, registered earlier when torch was imported)
+def _close_open_passes() -> None:
+    for batches in list(_OPEN):
+        batches.close()
 
 
 def val_batches(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: int,

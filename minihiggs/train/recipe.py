@@ -142,7 +142,8 @@ class LoRARecipe:
             self.state = TrainState.from_dict(saved)
             self.state.total_steps, self.state.grad_accum = total, cfg.grad_accum  # these may change on resume
         self.last_saved = self.state.step if saved is not None else -1
-        self.last_val = self.state.step if saved is not None else -1
+        # (older checkpoints do not record it: they were written after any validation of their step)
+        self.last_val = int(saved.get("last_val", self.state.step)) if saved is not None else -1
         if saved is not None and saved.get("world_size") == env.world_size:
             ckpt_io.set_rng_state(saved["rng"][env.rank], self.device)
         else:
@@ -154,7 +155,7 @@ class LoRARecipe:
             (self.pbar.write if self.pbar is not None else print)(msg)
 
     def checkpoint_state(self) -> dict:
-        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val,
                 "sampler": self.sampler.state_dict(batches_done=self.state.batches_in_epoch)}
 
     def save(self, reason: str) -> Path:
@@ -376,7 +377,7 @@ class LoRARecipe:
 
     def finish_stopped(self, signal_name: str | None) -> int:
         """A stop request: a checkpoint of this step (none at step 0: a fresh start is the same run), exit 0."""
-        s = self.state
+        s, signal_name = self.state, signal_name or self.stop.signal
         if s.step == 0:
             self.log.log({"event": "interrupted", "step": 0, "signal": signal_name})
             self.say(f"stopped by {signal_name} before the first step: nothing to save; run the same command again")
