@@ -82,7 +82,6 @@ if __name__ != "__main__":
     from minihiggs.metrics.jsonl import read_metrics
     from minihiggs.train import checkpointing as ckpt_io
     from minihiggs.train import recipe as recipe_mod
-    from minihiggs.train.guard import UpdateGuard
     from synth import synth_samples
 
     pytestmark = pytest.mark.usefixtures("one_thread")
@@ -310,13 +309,16 @@ except Interrupted as e:
 
     # -------------------------------------------------------------------------- bad inputs: one line, up front
 
-    @pytest.fixture()
-    def no_model_load(monkeypatch):
-        """These inputs must be refused before the model is loaded."""
+    def forbid_model_load(monkeypatch) -> None:
+        """From now on a model load fails the test: the inputs must be refused before it."""
         def refuse(*a, **k):
             raise AssertionError("the model was loaded before the inputs were checked")
 
         monkeypatch.setattr(recipe_mod, "load_model", refuse)
+
+    @pytest.fixture()
+    def no_model_load(monkeypatch):
+        forbid_model_load(monkeypatch)
 
     def broken_config(tiny_ckpt: Path, tmp: Path, edit) -> Path:
         d = tmp / "ckpt"
@@ -346,11 +348,11 @@ except Interrupted as e:
         assert train.main(train_args(shards, tiny_ckpt, out, max_steps=6, save_steps=2, val_steps=0)) == 0
         return [d for _, d in ckpt_io.list_checkpoints(out)]
 
-    def test_truncated_trainer_state_names_the_intact_checkpoint(shards, tiny_ckpt, tmp_path, capsys,
-                                                                 no_model_load):
+    def test_truncated_trainer_state_names_the_intact_checkpoint(shards, tiny_ckpt, tmp_path, capsys, monkeypatch):
         """Was: an OSError traceback from torch.load, no hint that an older checkpoint is intact."""
         out = tmp_path / "run"
         c2, c4, c6 = checkpointed_run(shards, tiny_ckpt, out)
+        forbid_model_load(monkeypatch)
         state = c6 / ckpt_io.STATE_FILE
         state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
         capsys.readouterr()
@@ -363,9 +365,11 @@ except Interrupted as e:
         assert train.main(argv + ["--resume", "latest"]) == 2
         assert one_error_line(capsys.readouterr().err).endswith(f"--resume {c2})")
 
-    def test_garbage_adapter_refused_before_the_model_loads(shards, tiny_ckpt, tmp_path, capsys, no_model_load):
+    def test_garbage_adapter_refused_before_the_model_loads(shards, tiny_ckpt, tmp_path, capsys, monkeypatch):
+        """Was: refused only after the model had loaded (minutes for the 3B model)."""
         out = tmp_path / "run"
         *_, last = checkpointed_run(shards, tiny_ckpt, out)
+        forbid_model_load(monkeypatch)
         (last / ADAPTER_WEIGHTS).write_bytes(os.urandom(300))
         capsys.readouterr()
         assert train.main(train_args(shards, tiny_ckpt, out, max_steps=8, save_steps=2, val_steps=0)
@@ -377,7 +381,7 @@ except Interrupted as e:
         a_file = tmp_path / "a_file"
         a_file.write_text("x")
         for out, expect in ((a_file, "exists and is not a directory"),
-                            (a_file / "run", "a part of the path is a file")):
+                            (a_file / "run", "a part of the path is a file, not a directory")):
             assert train.main(train_args(shards, tiny_ckpt, out, **FAST)) == 2
             assert one_error_line(capsys.readouterr().err) == \
                 f"train.py: error: --output_dir {out}: {expect} (choose another --output_dir)"
@@ -397,14 +401,16 @@ except Interrupted as e:
 
     def test_full_disk_while_writing_best_is_one_line(shards, tiny_ckpt, tmp_path, capsys, monkeypatch):
         """Was: a 44-line error. Now the path and what to do; nothing half-written is left behind."""
-        real = Path.write_bytes
+        from minihiggs import fsio
 
-        def full(self, data):
-            if self.parent.name.startswith(".best.tmp-"):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # (a write() failure has no file name)
-            return real(self, data)
+        real = fsio.fsync_tree
 
-        monkeypatch.setattr(Path, "write_bytes", full)
+        def full(d):  # the disk fills up while best/ is written (ext4 and others report it at fsync)
+            if Path(d).name.startswith(".best.tmp-"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # (no file name, as from write/fsync)
+            return real(d)
+
+        monkeypatch.setattr(fsio, "fsync_tree", full)
         out = tmp_path / "run"
         assert train.main(train_args(shards, tiny_ckpt, out, max_steps=4, val_steps=2, save_steps=0)) == 2
         assert one_error_line(capsys.readouterr().err) == (
@@ -433,11 +439,12 @@ except Interrupted as e:
 
     # ------------------------------------------------------------------------- updates that break the weights
 
-    def test_update_that_makes_weights_nonfinite_is_rejected(shards, tiny_ckpt, tmp_path):
-        """--lr 1e39: the loss and the gradient norm are finite, the update itself overflows. Was: accepted and
-        saved as a checkpoint. Now: rejected, weights and optimizer state as before it."""
+    def test_update_that_breaks_the_weights_is_rejected(shards, tiny_ckpt, tmp_path):
+        """An absurd --lr: the loss and the gradient norm are finite, the update itself makes the LoRA weights
+        non-finite or so large that their norm overflows (here ~1e20). Was: accepted and saved as a checkpoint (the
+        next forward overflowed). Now: rejected, weights and optimizer state as before it."""
         out = tmp_path / "run"
-        assert train.main(train_args(shards, tiny_ckpt, out, lr=1e39, max_steps=3, save_steps=1, val_steps=0,
+        assert train.main(train_args(shards, tiny_ckpt, out, lr=1e20, max_steps=3, save_steps=1, val_steps=0,
                                      log_steps=1)) == 0
         bad = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "nonfinite"]
         assert [r["step"] for r in bad] == [1, 2, 3]
@@ -452,6 +459,8 @@ except Interrupted as e:
         assert state["optimizer"]["state"] == {}  # no update was ever accepted: no moments, no step count
 
     def test_guard_restores_weights_and_optimizer_state_exactly():
+        from minihiggs.train.guard import UpdateGuard
+
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -468,11 +477,15 @@ except Interrupted as e:
             opt.zero_grad()
             return ok
 
-        assert not step(1e39) and opt.state_dict()["state"] == {}  # a rejected first step: no state at all
+        assert not step(1e20) and opt.state_dict()["state"] == {}  # a rejected first step: no state at all
         assert step(1e-2) and step(1e-2)
         before = ({k: v.clone() for k, v in model.state_dict().items()},
                   {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()})
-        assert not step(1e39)
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")  # a NaN weight must be caught too (not only a large norm)
+            assert not bool(guard.weights_finite())
+            model[0].weight[0, 0] = before[0]["0.weight"][0, 0]
+        assert not step(1e20)
         assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
         after = opt.state_dict()["state"]
         assert after.keys() == before[1].keys()

@@ -67,8 +67,9 @@ class UpdateGuard:
 
     @torch.no_grad()
     def weights_finite(self) -> torch.Tensor:
-        """After `optimizer.step()`: a 0-dim bool tensor on the parameters' device, True when every updated
-        parameter is finite (a norm that overflows counts as non-finite too). Not synchronised."""
+        """After `optimizer.step()`: a 0-dim bool tensor on the parameters' device, True when the norm of every
+        updated parameter is finite: no NaN or inf, and no weight so large that the norm overflows (in fp32 from
+        about 1e19, far beyond anything trainable). Not synchronised."""
         local = [_local(p.detach()) for p in self.params]
         ok = torch.stack([n.float() for idx in _grouped(local).values()
                           for n in torch._foreach_norm([local[i] for i in idx])]).isfinite().all()

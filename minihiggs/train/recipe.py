@@ -251,7 +251,7 @@ class LoRARecipe:
                         self.log.log({"event": "nonfinite", "step": s.step + 1, "loss": loss, "grad_norm": grad_norm,
                                       "weights_finite": weights_ok, "in_a_row": nonfinite_run})
                         what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else \
-                            "update (finite loss and gradients, but it made LoRA weights non-finite: lower --lr)"
+                            "update (finite loss and gradients, but it made LoRA weights non-finite or too large: lower --lr)"
                         self.say(f"step {s.step + 1}: non-finite {what}: update rejected, weights and optimizer "
                                  f"state kept ({nonfinite_run} in a row)")
                     self.optimizer.zero_grad(set_to_none=True)
