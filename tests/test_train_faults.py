@@ -279,7 +279,8 @@ except Interrupted as e:
         args = train_args(shards, tiny_ckpt, out, max_steps=100000, save_steps=0, val_steps=0, log_steps=1,
                           grad_accum=1)
         p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(Path(__file__).resolve()), "--inject", "slow_steps", "--", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              str(Path(__file__).resolve()), "--inject", "slow_steps", "--", *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
         try:
@@ -396,8 +397,8 @@ except Interrupted as e:
         monkeypatch.setattr(Path, "write_bytes", read_only)
         out = tmp_path / "ro"
         assert train.main(train_args(shards, tiny_ckpt, out, **FAST)) == 2
-        assert one_error_line(capsys.readouterr().err) == \
-            f"train.py: error: --output_dir {out}: not writable (Read-only file system) (choose a writable --output_dir)"
+        assert one_error_line(capsys.readouterr().err) == (f"train.py: error: --output_dir {out}: not writable "
+                                                           f"(Read-only file system) (choose a writable --output_dir)")
 
     def test_full_disk_while_writing_best_is_one_line(shards, tiny_ckpt, tmp_path, capsys, monkeypatch):
         """Was: a 44-line error. Now the path and what to do; nothing half-written is left behind."""

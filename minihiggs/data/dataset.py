@@ -28,6 +28,8 @@ from .sample import Sample
 from .shards import FORMAT, VERSION, decode_sample, read_shard_meta, sha256_file
 
 _MAX_OPEN = 128
+# What to do about a damaged shard: prep redoes a shard whose files are missing and keeps the others.
+REBUILD = "delete {0}.* and re-run prep.py with the same --out to rebuild it"
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -81,10 +83,12 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise ShardError(f"{bin_path}: shard file missing")
             size = bin_path.stat().st_size
             if size != entry["bytes"]:
-                raise ShardError(f"{bin_path}: {size} bytes but the index says {entry['bytes']} "
-                                 f"({'truncated' if size < entry['bytes'] else 'altered'} shard)")
+                kind = "truncated" if size < entry["bytes"] else "altered"
+                raise ShardError(f"{bin_path}: {size} bytes but the index says {entry['bytes']} ({kind} shard; "
+                                 f"{REBUILD.format(name)})")
             if verify == "full" and sha256_file(bin_path) != entry["sha256"]:
-                raise ShardError(f"{bin_path}: sha256 differs from the index (altered or corrupt shard)")
+                raise ShardError(f"{bin_path}: sha256 differs from the index (altered or corrupt shard; "
+                                 f"{REBUILD.format(name)})")
             self.shard_names.append(name)
             self._shard_max_id.append(meta.get("max_token_id"))
             for s in meta["samples"]:
@@ -200,11 +204,11 @@ class ShardDataset(torch.utils.data.Dataset):
         off, nb = int(self._offset[i]), int(self._nbytes[i])
         if off + nb > mm.shape[0]:
             raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} lies "
-                             f"past the end of the file (truncated shard)")
+                             f"past the end of the file (truncated shard; {REBUILD.format(self.shard_names[k])})")
         region = mm[off:off + nb]
         if self.check_crc and zlib.crc32(region) != int(self._crc[i]):
-            raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} "
-                             "fails its CRC-32 check (altered or corrupt shard)")
+            raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} fails its "
+                             f"CRC-32 check (altered or corrupt shard; {REBUILD.format(self.shard_names[k])})")
         s0, ns = int(self._seg0[i]), int(self._nseg[i])
         nf = int(self._nfeat[i])
         features = None

@@ -142,8 +142,14 @@ def read_plain_list(path: Path, voice_clone: bool, scene: str | None,
     notes: list[str] = []
     refs: dict[int, PlainRow | None] = {}
     if voice_clone:
-        ok: dict[str, bool] = {}
-        refs = voice_clone_references(rows, (lambda r: ok.setdefault(r.audio, usable(r.audio))) if usable else None)
+        ok: dict[str, bool] = {}  # one check per file (a clip may be listed twice)
+
+        def row_usable(r: PlainRow) -> bool:
+            if r.audio not in ok:
+                ok[r.audio] = usable(r.audio)
+            return ok[r.audio]
+
+        refs = voice_clone_references(rows, row_usable if usable else None)
         lonely: dict[str | None, int] = {}
         for r in rows:
             if refs.get(r.line) is None and (usable is None or ok.get(r.audio, True)):

@@ -37,7 +37,8 @@ def token_limit(max_tokens: int | None) -> tuple[int, str]:
     """(the merged-length limit, how a message names it)."""
     if max_tokens:
         return int(max_tokens), f"--max_tokens {max_tokens}"
-    return DEFAULT_MAX_TOKENS, f"the default limit of {DEFAULT_MAX_TOKENS} merged tokens (set --max_tokens to change it)"
+    return DEFAULT_MAX_TOKENS, (f"the default limit of {DEFAULT_MAX_TOKENS} merged tokens (set --max_tokens to change "
+                                "it)")
 
 
 _W = None

@@ -20,10 +20,11 @@ def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
     ds.check_vocab(cfg.text.vocab_size)
     if ds.num_codebooks < cfg.audio_num_codebooks:
         raise ShardError(f"{ds.path}: prepared with {ds.num_codebooks} codebooks, the model needs "
-                         f"{cfg.audio_num_codebooks}")
+                         f"{cfg.audio_num_codebooks} (re-run prep.py with this --base_ckpt)")
     if (ds.audio_in_token_id, ds.audio_out_token_id) != (cfg.audio_in_token_id, cfg.audio_out_token_id):
         raise ShardError(f"{ds.path}: prepared for audio token ids {ds.audio_in_token_id}/{ds.audio_out_token_id}, "
-                         f"the model uses {cfg.audio_in_token_id}/{cfg.audio_out_token_id}")
+                         f"the model uses {cfg.audio_in_token_id}/{cfg.audio_out_token_id} (re-run prep.py with this "
+                         f"--base_ckpt)")
     if ds.whisper != cfg.uses_whisper_features:
         raise ShardError(f"{ds.path}: prepared {'with' if ds.whisper else 'without'} Whisper features, but the "
                          f"checkpoint {'needs' if cfg.uses_whisper_features else 'does not use'} them; re-run "

@@ -40,6 +40,7 @@ from .state import TrainState
 from .step import evaluate, loss_fields, train_step
 
 MAX_NONFINITE_IN_A_ROW = 5
+BROKEN_UPDATE = "update (finite loss and gradients, but the new LoRA weights were non-finite or too large: lower --lr)"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
@@ -250,8 +251,7 @@ class LoRARecipe:
                         nonfinite_run += 1
                         self.log.log({"event": "nonfinite", "step": s.step + 1, "loss": loss, "grad_norm": grad_norm,
                                       "weights_finite": weights_ok, "in_a_row": nonfinite_run})
-                        what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else \
-                            "update (finite loss and gradients, but it made LoRA weights non-finite or too large: lower --lr)"
+                        what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else BROKEN_UPDATE
                         self.say(f"step {s.step + 1}: non-finite {what}: update rejected, weights and optimizer "
                                  f"state kept ({nonfinite_run} in a row)")
                     self.optimizer.zero_grad(set_to_none=True)
