@@ -1,7 +1,8 @@
 """LoRA fine-tuning (what `train.py` / `torchrun train.py` runs).
 
 `config` (TrainConfig: every flag), `state` (TrainState: the resumable bookkeeping), `step` (one optimizer step,
-validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals`.
+validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals` (the stop
+rule), `guard` (the accepted-update check), `preflight` (up-front checks of the output dir and the config).
 """
 
 from __future__ import annotations
