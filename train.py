@@ -14,9 +14,12 @@ Output (`--output_dir`): metrics.jsonl (every logged value), loss.png (with matp
 (lowest validation loss), final/ (end of training).
 See minihiggs/train/checkpointing.py for the exact layout; the loop is minihiggs/train/recipe.py.
 
-SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and exit 0 (a second signal aborts).
-A non-finite loss or gradient skips that update; MAX_NONFINITE_IN_A_ROW in a row stop the run (exit 1) with the
-last good checkpoint untouched.
+SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and exit 0; repeats are the same request
+(a scheduler's and torchrun's copies), only a Ctrl-C more than 3 s after the first signal aborts (exit 130; the
+rule is in minihiggs/train/signals.py). An update with a non-finite loss, gradient or resulting weight is undone;
+MAX_NONFINITE_IN_A_ROW in a row stop the run (exit 1) with the last good checkpoint untouched. Bad input (shards,
+checkpoint, config.json, settings, --resume target, an unwritable --output_dir): one `train.py: error:` line,
+exit 2.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ if str(REPO) not in sys.path:
 
 from minihiggs.errors import UserError  # noqa: E402
 from minihiggs.train import parse_train_args, train  # noqa: E402
+from minihiggs.train.signals import Interrupted  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, argv)
     except UserError as e:
         # Bad shards, checkpoint, config, settings or --resume target: the message names the file and field,
-        # and a traceback would only bury it.
-        print(f"train.py: error: {e}", file=sys.stderr)
+        # and a traceback would only bury it. (One line, also for messages that list several problems.)
+        print("train.py: error: " + "; ".join(p.strip() for p in str(e).splitlines() if p.strip()), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if e.abort:
+            print(f"train.py: aborted by a second {e.signal_name}: no checkpoint written for the steps since the "
+                  f"last one (continue from it with --resume latest)", file=sys.stderr)
+            return 130
+        print(f"train.py: stopped by {e.signal_name} during setup: nothing trained, nothing to save", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

@@ -37,25 +37,37 @@ class TextConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "TextConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: text_config: expected an object, got {type(d).__name__}")
+        f = _Fields(d, "text_config.")
         _refuse(d, "text_config.hidden_act", d.get("hidden_act", "silu"), {"silu"})
         _refuse(d, "text_config.attention_bias", bool(d.get("attention_bias", False)), {False})
         _refuse(d, "text_config.mlp_bias", bool(d.get("mlp_bias", False)), {False})
-        heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        head_dim = d.get("head_dim") or hidden // heads
+        heads = f.int("num_attention_heads", minimum=1)
+        hidden = f.int("hidden_size", minimum=1)
+        head_dim = f.int("head_dim", None, minimum=1)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"config.json: text_config.hidden_size={hidden} is not divisible by "
+                                  f"num_attention_heads={heads} (give text_config.head_dim)")
+            head_dim = hidden // heads
+        kv = f.int("num_key_value_heads", heads, minimum=1)
+        if heads % kv:
+            raise ConfigError(f"config.json: text_config.num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv}")
         return TextConfig(
-            vocab_size=int(d["vocab_size"]),
+            vocab_size=f.int("vocab_size", minimum=1),
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            intermediate_size=f.int("intermediate_size", minimum=1),
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=d.get("rope_scaling"),
-            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-            pad_token_id=d.get("pad_token_id"),
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            rms_norm_eps=f.float("rms_norm_eps", 1e-5),
+            rope_theta=f.float("rope_theta", 10000.0),
+            rope_scaling=_rope_scaling(d.get("rope_scaling")),
+            max_position_embeddings=f.int("max_position_embeddings", 131072, minimum=1),
+            pad_token_id=f.int("pad_token_id", None),
         )
 
 
@@ -109,9 +121,12 @@ class HiggsConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "HiggsConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
         if "text_config" not in d:
             raise ConfigError("config.json: missing field 'text_config' (is this a Higgs Audio v2 checkpoint?)")
         text = TextConfig.from_dict(d["text_config"])
+        f = _Fields(d, "")
         _refuse(d, "audio_adapter_type", d.get("audio_adapter_type"), {"dual_ffn", "dual_ffn_fast_forward"})
         _refuse(d, "audio_decoder_proj_num_layers", int(d.get("audio_decoder_proj_num_layers") or 0), {0})
         _refuse(d, "use_rq_transformer", bool(d.get("use_rq_transformer", False)), {False})
@@ -120,7 +135,9 @@ class HiggsConfig:
         encode_whisper = bool(d.get("encode_whisper_embed", False))
         if not skip_tower and not d.get("audio_encoder_config"):
             raise ConfigError("config.json: skip_audio_tower=false but audio_encoder_config is missing")
-        layers = [int(i) for i in d.get("audio_dual_ffn_layers") or []]
+        layers = d.get("audio_dual_ffn_layers") or []
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ConfigError(f"config.json: audio_dual_ffn_layers={layers!r} must be a list of layer indices")
         bad = [i for i in layers if not 0 <= i < text.num_hidden_layers]
         if bad:
             raise ConfigError(f"config.json: audio_dual_ffn_layers={layers} has indices outside "
@@ -129,10 +146,10 @@ class HiggsConfig:
             text=text,
             audio_adapter_type=d["audio_adapter_type"],
             audio_dual_ffn_layers=layers,
-            audio_num_codebooks=int(d.get("audio_num_codebooks", 8)),
-            audio_codebook_size=int(d.get("audio_codebook_size", 1024)),
-            audio_stream_bos_id=int(d.get("audio_stream_bos_id", 1024)),
-            audio_stream_eos_id=int(d.get("audio_stream_eos_id", 1025)),
+            audio_num_codebooks=f.int("audio_num_codebooks", 8, minimum=1),
+            audio_codebook_size=f.int("audio_codebook_size", 1024, minimum=1),
+            audio_stream_bos_id=f.int("audio_stream_bos_id", 1024),
+            audio_stream_eos_id=f.int("audio_stream_eos_id", 1025),
             use_delay_pattern=bool(d.get("use_delay_pattern", False)),
             encode_audio_in_tokens=bool(d.get("encode_audio_in_tokens", False)),
             audio_embed_avg=bool(d.get("audio_embed_avg", False)),
@@ -140,13 +157,18 @@ class HiggsConfig:
             skip_audio_tower=skip_tower,
             encode_whisper_embed=encode_whisper,
             audio_encoder_config=d.get("audio_encoder_config"),
-            pad_token_id=int(_first(d.get("pad_token_id"), text.pad_token_id, 128001)),
-            audio_in_token_id=int(_required(d, "audio_in_token_idx")),
-            audio_out_token_id=int(_required(d, "audio_out_token_idx")),
-            audio_out_bos_token_id=d.get("audio_out_bos_token_id"),
-            audio_eos_token_id=d.get("audio_eos_token_id"),
+            pad_token_id=_first(f.int("pad_token_id", None), text.pad_token_id, 128001),
+            audio_in_token_id=f.int("audio_in_token_idx", minimum=0),
+            audio_out_token_id=f.int("audio_out_token_idx", minimum=0),
+            audio_out_bos_token_id=f.int("audio_out_bos_token_id", None),
+            audio_eos_token_id=f.int("audio_eos_token_id", None),
             raw=d,
         )
+        for name in ("audio_in_token_id", "audio_out_token_id"):
+            v = getattr(cfg, name)
+            if v >= text.vocab_size:
+                raise ConfigError(f"config.json: {name.replace('_id', '_idx')}={v} is outside text_config.vocab_size "
+                                  f"{text.vocab_size}")
         for name in ("audio_stream_bos_id", "audio_stream_eos_id"):
             v = getattr(cfg, name)
             if not cfg.audio_codebook_size <= v < cfg.codebook_stride:
@@ -159,24 +181,83 @@ class HiggsConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e}) (is --base_ckpt a Higgs Audio v2 "
+                              f"checkpoint directory?)") from None
         try:
             return HiggsConfig.from_dict(d)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+            msg = str(e).removeprefix("config.json: ")
+            raise ConfigError(f"{path}: {msg}") from None
 
 
 def _first(*vals: Any) -> Any:
     return next(v for v in vals if v is not None)
 
 
-def _required(d: dict, key: str) -> Any:
-    if key not in d:
-        raise ConfigError(f"config.json: missing required field '{key}'")
-    return d[key]
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed reads of one config.json object: a missing or mistyped field is a ConfigError naming it (a KeyError
+    or `int('four')` would surface as a traceback without the field's path)."""
+
+    def __init__(self, d: dict, prefix: str):
+        self.d, self.prefix = d, prefix
+
+    def _get(self, key: str, default: Any) -> Any:
+        v = self.d.get(key)
+        if v is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"config.json: missing field '{self.prefix}{key}' (every Higgs Audio v2 config "
+                                  f"has it: is this config.json complete?)")
+            return default
+        return v
+
+    def int(self, key: str, default: Any = _REQUIRED, minimum: int | None = None) -> Any:
+        v = self._get(key, default)
+        if v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not v.is_integer():
+            raise ConfigError(f"config.json: {self.prefix}{key}={v!r} must be an integer")
+        if minimum is not None and v < minimum:
+            raise ConfigError(f"config.json: {self.prefix}{key}={v!r} must be >= {minimum}")
+        return int(v)
+
+    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+        v = self._get(key, default)
+        if v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"config.json: {self.prefix}{key}={v!r} must be a finite number")
+        return float(v)
+
+
+ROPE_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(rs: Any) -> dict | None:
+    """`text_config.rope_scaling`, checked here so that a bad one fails with the config, not at model build."""
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"config.json: text_config.rope_scaling={rs!r} must be an object or null")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return rs
+    if kind != "llama3":
+        raise ConfigError(f"config.json: unsupported text_config.rope_scaling.rope_type={kind!r} (supported: 'llama3')")
+    f = _Fields(rs, "text_config.rope_scaling.")
+    vals = {k: f.float(k) for k in ROPE_LLAMA3_FIELDS}
+    if not (vals["factor"] > 0 and vals["high_freq_factor"] > vals["low_freq_factor"] > 0
+            and vals["original_max_position_embeddings"] > 0):
+        raise ConfigError(f"config.json: text_config.rope_scaling={rs!r}: needs factor > 0, high_freq_factor > "
+                          f"low_freq_factor > 0 and original_max_position_embeddings > 0")
+    return rs
 
 
 def _refuse(d: dict, name: str, value: Any, allowed: set) -> None:

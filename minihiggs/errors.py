@@ -59,3 +59,8 @@ class TrainConfigError(UserError, ValueError):
 
 class GenerateError(UserError, ValueError):
     """A generation request that cannot be served (missing reference, unknown sample id, empty text, ...)."""
+
+
+class OutputError(UserError, OSError):
+    """An output directory or file that cannot be written: not a directory, read-only, a full disk. The message
+    names the path; what was written before (checkpoints, adapters) is intact, every write being atomic."""

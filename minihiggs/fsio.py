@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import OutputError
+
 TMP_MARK = ".tmp-"
 
 
@@ -132,3 +134,15 @@ def remove_stale(directory: str | os.PathLike) -> list[Path]:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+@contextmanager
+def writing(path: str | os.PathLike, hint: str = "") -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a read-only file system, a parent that is a file) becomes an
+    `OutputError` naming it: the user's to fix, and with atomic writes nothing written before is damaged."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})" + (f" ({hint})" if hint else "")) from e

@@ -270,7 +270,7 @@ def test_nonfinite_in_a_row_stops_with_last_good_checkpoint(shards, tiny_ckpt, t
     assert recs[-1]["event"] == "stopped_nonfinite"
 
 
-def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp_path, monkeypatch):
+def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_save = torch.save
     calls = [0]
@@ -282,8 +282,10 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ckpt_io.torch, "save", failing_save)
-    with pytest.raises(OSError, match="simulated"):
-        train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0))
+    # a failed write is the user's to fix (a full disk): one line naming the checkpoint, exit 2
+    assert train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0)) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("train.py: error: ") and "step-00000008: cannot write (disk full (simulated))" in err
     monkeypatch.setattr(ckpt_io.torch, "save", real_save)
     assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]

@@ -15,8 +15,14 @@ import numpy as np
 from ..errors import AudioError
 
 
+def _reason(e: Exception) -> str:
+    """soundfile's reason without its "Error opening '<path>': " prefix (the callers' messages name the file)."""
+    return getattr(e, "error_string", None) or f"{type(e).__name__}: {e}"
+
+
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read any soundfile-supported file (WAV/FLAC/OGG/MP3 where libsndfile allows) as mono float32."""
+    """Read any soundfile-supported file (WAV/FLAC/OGG/MP3 where libsndfile allows) as mono float32.
+    A MemoryError passes through: a file too long for this machine is not a corrupt one."""
     import soundfile as sf
 
     path = os.fspath(path)
@@ -24,9 +30,27 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: audio file not found")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except MemoryError:
+        raise
     except Exception as e:  # soundfile raises several types; callers need one with the path in it
-        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+        raise AudioError(f"{path}: cannot decode audio ({_reason(e)})") from e
     return to_mono(data.T), int(sr)
+
+
+def audio_header(source, name: str | None = None) -> tuple[int, int]:
+    """(frames, sample rate) from a file's header (a path, or a file object called `name` in messages), without
+    decoding the audio: a length check before the decode keeps memory bounded whatever the file holds. Raises
+    AudioError."""
+    import soundfile as sf
+
+    name = name or os.fspath(source)
+    try:
+        info = sf.info(source)
+    except Exception as e:
+        raise AudioError(f"{name}: cannot decode audio ({_reason(e)})") from None
+    if info.samplerate <= 0 or info.frames < 0:
+        raise AudioError(f"{name}: invalid header ({info.frames} frames at {info.samplerate} Hz)")
+    return int(info.frames), int(info.samplerate)
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:

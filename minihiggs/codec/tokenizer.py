@@ -100,7 +100,10 @@ class AudioTokenizer(nn.Module):
     # --- encode ------------------------------------------------------------------------------------------
 
     def frames(self, n: int) -> int:
-        """Number of code frames `encode` returns for n samples at 24 kHz."""
+        """Number of code frames `encode` returns for n samples at 24 kHz; 0 when it refuses the clip as too short
+        (callers' pre-checks and the encoder must agree: a 10 ms clip is empty, not corrupt)."""
+        if self.encoder.frames(n) < 1:  # the reference's first, unpadded acoustic pass yields nothing: refused
+            return 0
         sem = self._semantic_frames(n)
         ac = self.encoder.frames(n)
         if ac != sem:
@@ -131,7 +134,7 @@ class AudioTokenizer(nn.Module):
         if not np.isfinite(wave).all():
             raise ValueError("waveform contains NaN or infinite samples")
         # The reference runs the acoustic encoder on the unpadded clip first and fails if that yields no frame.
-        if self.encoder.frames(wave.shape[0]) < 1 or self.frames(wave.shape[0]) < 1:
+        if self.frames(wave.shape[0]) < 1:
             raise ValueError(f"clip too short: {wave.shape[0]} samples at {self.sample_rate} Hz give no code frame")
         return torch.from_numpy(np.ascontiguousarray(wave))
 

@@ -28,10 +28,14 @@ from .sample import Sample
 from .shards import FORMAT, VERSION, decode_sample, read_shard_meta, sha256_file
 
 _MAX_OPEN = 128
+# What to do about a damaged shard: prep redoes a shard whose files are missing and keeps the others.
+REBUILD = "delete {0}.* and re-run prep.py with the same --out to rebuild it"
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    def __init__(self, path: str | os.PathLike, verify: str = "size", check_crc: bool = True):
+    def __init__(self, path: str | os.PathLike, verify: str = "size", check_crc: bool = True,
+                 vocab_size: int | None = None):
+        """`vocab_size`: refuse shards holding token ids the model cannot embed (see `check_vocab`)."""
         if verify not in ("size", "full"):
             raise ValueError("verify must be 'size' or 'full'")
         self.path = Path(path)
@@ -56,6 +60,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.mel_bins = int(index.get("mel_bins", 128))
 
         self.shard_names: list[str] = []
+        self._shard_max_id: list[int | None] = []  # per shard, as prep recorded it (None: an older shard)
         cols: dict[str, list] = {k: [] for k in ("shard", "offset", "nbytes", "crc", "n", "seg0", "nseg",
                                                 "feat0", "nfeat", "length", "duration", "line")}
         frames: list[int] = []
@@ -78,11 +83,14 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise ShardError(f"{bin_path}: shard file missing")
             size = bin_path.stat().st_size
             if size != entry["bytes"]:
-                raise ShardError(f"{bin_path}: {size} bytes but the index says {entry['bytes']} "
-                                 f"({'truncated' if size < entry['bytes'] else 'altered'} shard)")
+                kind = "truncated" if size < entry["bytes"] else "altered"
+                raise ShardError(f"{bin_path}: {size} bytes but the index says {entry['bytes']} ({kind} shard; "
+                                 f"{REBUILD.format(name)})")
             if verify == "full" and sha256_file(bin_path) != entry["sha256"]:
-                raise ShardError(f"{bin_path}: sha256 differs from the index (altered or corrupt shard)")
+                raise ShardError(f"{bin_path}: sha256 differs from the index (altered or corrupt shard; "
+                                 f"{REBUILD.format(name)})")
             self.shard_names.append(name)
+            self._shard_max_id.append(meta.get("max_token_id"))
             for s in meta["samples"]:
                 cols["shard"].append(k)
                 cols["offset"].append(s["offset"])
@@ -123,6 +131,34 @@ class ShardDataset(torch.utils.data.Dataset):
         self.lines = np.asarray(cols["line"], dtype=np.int64)
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._pid = os.getpid()
+        if vocab_size is not None:
+            self.check_vocab(vocab_size)
+
+    # ------------------------------------------------------------------ vocabulary
+    def max_token_ids(self) -> list[int]:
+        """The largest token or label id of each shard: as recorded by prep, or (older shards) read from the
+        samples' token regions."""
+        out = []
+        for k, recorded in enumerate(self._shard_max_id):
+            if recorded is None:
+                mm = self._map(k)
+                recorded = -1
+                for i in np.flatnonzero(self._shard == k):
+                    n, off = int(self._n[i]), int(self._offset[i])
+                    if n and off + 8 * n <= mm.shape[0]:  # input ids then labels: 2n int32 values
+                        recorded = max(recorded, int(np.frombuffer(mm, dtype="<i4", count=2 * n, offset=off).max()))
+            out.append(int(recorded))
+        return out
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse shards with a token id >= `vocab_size`: the embedding lookup would fail mid-run (IndexError on
+        CPU, a device-side assert on CUDA). prep skips such samples; shards made for another checkpoint or by an
+        older prep may still hold them."""
+        for name, top in zip(self.shard_names, self.max_token_ids()):
+            if top >= vocab_size:
+                raise ShardError(f"{self.path / (name + '.bin')}: holds token id {top}, outside the model's "
+                                 f"vocabulary (vocab_size {vocab_size}) (re-run prep.py with this --base_ckpt: it "
+                                 f"skips such samples)")
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -168,11 +204,11 @@ class ShardDataset(torch.utils.data.Dataset):
         off, nb = int(self._offset[i]), int(self._nbytes[i])
         if off + nb > mm.shape[0]:
             raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} lies "
-                             f"past the end of the file (truncated shard)")
+                             f"past the end of the file (truncated shard; {REBUILD.format(self.shard_names[k])})")
         region = mm[off:off + nb]
         if self.check_crc and zlib.crc32(region) != int(self._crc[i]):
-            raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} "
-                             "fails its CRC-32 check (altered or corrupt shard)")
+            raise ShardError(f"{self.path / (self.shard_names[k] + '.bin')}: sample {self.sample_ids[i]!r} fails its "
+                             f"CRC-32 check (altered or corrupt shard; {REBUILD.format(self.shard_names[k])})")
         s0, ns = int(self._seg0[i]), int(self._nseg[i])
         nf = int(self._nfeat[i])
         features = None

@@ -15,7 +15,8 @@ A prepared directory holds:
   entry range it covers) and `samples`: per sample `id`, `source`, `line`, `speaker`, `duration` (seconds of
   audio in its code segments), `length` (estimated merged length, for bucketing), `offset`, `nbytes`, `crc32`
   of its region, `n` (tokens), `frames` (per code segment) and `features` (per Whisper chunk: [L, fill,
-  valid_frames]) or null.
+  valid_frames]) or null; and `max_token_id`, the largest token or label id of the shard (so a reader can refuse
+  shards a model cannot embed without reading them; absent in shards of older versions).
 * per shard `NAME.errors.jsonl` — the manifest entries of that shard that were skipped.
 
 A shard is complete when its `.json` exists (it is written atomically after the `.bin` is renamed into place).
@@ -145,6 +146,7 @@ class ShardWriter:
         self.h = hashlib.sha256()
         self.pos = 0
         self.samples: list[dict] = []
+        self.max_token_id = -1
 
     def add(self, sample: Sample, *, source: str, line: int, speaker: str | None, duration: float,
             length: int) -> None:
@@ -159,6 +161,8 @@ class ShardWriter:
             self.h.update(b"\0" * pad)
         self.pos += len(blob) + pad
         self.samples.append(rec)
+        if rec["n"]:
+            self.max_token_id = max(self.max_token_id, int(sample.input_ids.max()), int(sample.label_ids.max()))
 
     def close(self, errors: list[dict]) -> dict:
         self.f.flush()
@@ -173,7 +177,7 @@ class ShardWriter:
         os.replace(self.tmp, self.dir / f"{self.name}.bin")
         meta = {"format": FORMAT, "version": VERSION, "name": self.name, "bytes": self.pos,
                 "sha256": self.h.hexdigest(), "entries": self.entries, "errors": len(errors),
-                "samples": self.samples}
+                "max_token_id": self.max_token_id, "samples": self.samples}
         atomic_write_json(self.dir / f"{self.name}.json", meta)
         return meta
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..errors import AdapterError
 from ..fsio import atomic_dir
@@ -212,7 +212,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # Serialised here and written by Python: a full disk is then an OSError (ENOSPC) like every other write
+        # (safetensors' own file writer reports it as an opaque SafetensorError).
+        (tmp / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (tmp / "README.md").write_text(
             f"---\nbase_model: '{cfg['base_model_name_or_path']}'\nlibrary_name: peft\n---\n\n"

@@ -11,12 +11,14 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..errors import ManifestError
+from ..errors import ManifestError, PrepError
 from ..text.chatml import resolve_path, tts_sample
 
 PLAIN_EXT = (".csv", ".tsv", ".txt", ".list")
@@ -55,6 +57,8 @@ def read_json_array(path: Path) -> list[tuple]:
         line = raw[:e.start].count(b"\n") + 1
         return [("err", line, "bad_text_encoding", f"manifest is not valid UTF-8 ({e.reason}); "
                  "no entries could be read")]
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark (editors on Windows write one): not content
+        text = text[1:]
     dec = json.JSONDecoder()
     n = len(text)
 
@@ -93,13 +97,16 @@ def read_json_array(path: Path) -> list[tuple]:
         return out
 
 
-def read_plain_list(path: Path, voice_clone: bool, scene: str | None) -> tuple[list[tuple], int]:
-    """Entries of an LJSpeech-style list, as ChatML objects. Returns (entries, rows without a reference)."""
-    delim = "\t" if path.suffix.lower() == ".tsv" else None
-    rows, entries = [], []
+def read_plain_list(path: Path, voice_clone: bool, scene: str | None,
+                    usable: Callable[[str], bool] | None = None) -> tuple[list[tuple], list[str]]:
+    """Entries of an LJSpeech-style list, as ChatML objects, and notes for the log. With `voice_clone`, each
+    utterance is paired with another *usable* utterance of its speaker (`usable(audio_path)`, e.g. the file
+    decodes and is not silent), so that a bad file never takes a good utterance down with it."""
+    suffix = path.suffix.lower()
     base = str(path.parent)
-    raw_lines = path.read_bytes().splitlines()
-    for i, raw in enumerate(raw_lines, 1):
+    entries: list[tuple] = []
+    lines: list[tuple[int, str]] = []
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
         if not raw.strip():
             continue
         try:
@@ -107,11 +114,21 @@ def read_plain_list(path: Path, voice_clone: bool, scene: str | None) -> tuple[l
         except UnicodeDecodeError as e:
             entries.append(("err", i, "bad_text_encoding", f"line is not valid UTF-8 ({e.reason} at byte {e.start})"))
             continue
-        if line.startswith("\ufeff"):
-            line = line[1:]
-        d = delim or ("|" if "|" in line else ",")
+        lines.append((i, line.removeprefix("\ufeff")))
+    # One delimiter for the whole file: a line without it is then reported as having one column of the file's kind.
+    delim = "\t" if suffix == ".tsv" else ("|" if any("|" in ln for _, ln in lines) else ",")
+    third = None
+    if lines:
+        header = _header(lines[0][1], delim)
+        if header is not None:
+            third = header
+            lines = lines[1:]
+    if third is None:
+        third = infer_third_column(path, [(i, split_columns(ln, delim)) for i, ln in lines])
+    rows = []
+    for i, line in lines:
         try:
-            row = parse_plain_line(line, i, base, d)
+            row = parse_plain_line(line, i, base, delim, third)
         except ManifestError as e:
             entries.append(("err", i, e.kind, str(e)))
             continue
@@ -121,21 +138,105 @@ def read_plain_list(path: Path, voice_clone: bool, scene: str | None) -> tuple[l
         if row is not None:
             rows.append(row)
             entries.append(("row", i, row))
-    refs = voice_clone_references(rows) if voice_clone else {}
-    lonely = 0
+    entries.sort(key=lambda e: e[1])
+    notes: list[str] = []
+    refs: dict[int, PlainRow | None] = {}
+    if voice_clone:
+        ok: dict[str, bool] = {}  # one check per file (a clip may be listed twice)
+
+        def row_usable(r: PlainRow) -> bool:
+            if r.audio not in ok:
+                ok[r.audio] = usable(r.audio)
+            return ok[r.audio]
+
+        refs = voice_clone_references(rows, row_usable if usable else None)
+        lonely: dict[str | None, int] = {}
+        for r in rows:
+            if refs.get(r.line) is None and (usable is None or ok.get(r.audio, True)):
+                lonely[r.speaker] = lonely.get(r.speaker, 0) + 1
+        for spk, n in list(lonely.items())[:5]:
+            notes.append(f"--voice_clone: speaker {spk!r} has no other usable utterance: {n} utterance(s) "
+                         f"prepared without a reference")
+        if len(lonely) > 5:
+            notes.append(f"--voice_clone: ... and {len(lonely) - 5} more speakers without a usable reference")
     out = []
     for e in entries:
         if e[0] != "row":
             out.append(e)
             continue
         r = e[2]
-        ref = refs.get(r.line) if voice_clone else None
-        if voice_clone and ref is None:
-            lonely += 1
+        ref = refs.get(r.line)
         obj = tts_sample(r.text, r.audio, scene=scene, speaker=r.speaker, sample_id=r.sample_id,
                          reference=(ref.text, ref.audio) if ref is not None else None)
         out.append(("obj", r.line, obj))
-    return out, lonely
+    return out, notes
+
+
+HEADER_FIRST = ("id", "path", "audio", "file", "wav")
+HEADER_TEXT = ("text", "transcript")
+THIRD_COLUMN_NAMES = {"speaker": "speaker", "speaker_id": "speaker", "spk": "speaker",
+                      "normalized": "normalized", "normalized_text": "normalized", "normalised": "normalized",
+                      "normalised_text": "normalized"}
+
+
+def split_columns(line: str, delimiter: str) -> list[str]:
+    cols = next(csv.reader(io.StringIO(line))) if delimiter == "," else line.split(delimiter)
+    return [c.strip() for c in cols]
+
+
+def _header(line: str, delimiter: str) -> str | None:
+    """The meaning of the third column if `line` is a header (`id|text|speaker`, `path|text|normalized`, ...):
+    "speaker", "normalized", or "" for a two-column header; None if it is not a header."""
+    try:
+        cols = [c.lower() for c in split_columns(line, delimiter)]
+    except Exception:
+        return None
+    if len(cols) < 2 or cols[0] not in HEADER_FIRST or cols[1] not in HEADER_TEXT:
+        return None
+    if len(cols) == 2:
+        return ""
+    if cols[2] not in THIRD_COLUMN_NAMES:
+        raise PrepError(f"header line {line!r}: unknown third column {cols[2]!r} (name it 'speaker' or "
+                        f"'normalized')")
+    return THIRD_COLUMN_NAMES[cols[2]]
+
+
+def _same_words(a: str, b: str) -> bool:
+    norm = lambda t: re.sub(r"\W+", "", t).casefold()  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def infer_third_column(path: Path, lines: list[tuple[int, list[str]]]) -> str:
+    """What the third column of `id|text|X` lines holds, decided once for the file (a header says it outright):
+    LJSpeech's normalized transcript (a sentence, or the same words as the text) or a VCTK-style speaker id (one
+    token next to a sentence). Lines that say both, or a file where no line tells, are refused: guessing wrong
+    would train on "p225" as the transcript."""
+    speaker_like, text_like = [], []
+    for i, cols in lines:
+        if len(cols) != 3 or not cols[2] or _is_audio_path(cols[0]):
+            continue
+        text, third = cols[1], cols[2]
+        if re.search(r"\s", third) or _same_words(text, third):
+            text_like.append((i, third))
+        elif re.search(r"\s", text):
+            speaker_like.append((i, third))
+        else:  # one word each, and different: either reading fits
+            continue
+    if speaker_like and text_like:
+        (a, va), (b, vb) = speaker_like[0], text_like[0]
+        raise PrepError(f"{path}: the third column reads as a speaker id on some lines (line {a}: {va!r}) and as "
+                        f"normalized text on others (line {b}: {vb!r}); add a header line 'id|text|speaker' or "
+                        f"'id|text|normalized' to say which")
+    if speaker_like:
+        return "speaker"
+    if text_like or not any(len(c) == 3 and c[2] and not _is_audio_path(c[0]) for _, c in lines):
+        return "normalized"
+    raise PrepError(f"{path}: cannot tell whether the third column is a speaker id or normalized text (every "
+                    f"line has a one-word transcript); add a header line 'id|text|speaker' or 'id|text|normalized'")
+
+
+def _is_audio_path(first: str) -> bool:
+    return first.lower().endswith(AUDIO_EXTENSIONS) or "/" in first or os.sep in first
 
 
 @dataclass
@@ -157,53 +258,50 @@ def _find_audio(base_dir: str, key: str) -> str:
     return os.path.normpath(cands[0] if os.path.isdir(wavs) else cands[2])
 
 
-def parse_plain_line(line: str, line_no: int, base_dir: str, delimiter: str) -> PlainRow | None:
+def parse_plain_line(line: str, line_no: int, base_dir: str, delimiter: str,
+                     third: str | None = None) -> PlainRow | None:
     """One line of an LJSpeech-style list. Forms:
     * `id|text` or LJSpeech's `id|text|normalized_text` (the first column has no audio extension and no path
       separator): audio is `wavs/<id>.wav` (or .flac, or next to the list); the normalized text is used when
-      present; no speaker (one speaker per list).
+      present; no speaker (one speaker per list). With `third="speaker"` (a header, or `infer_third_column`
+      on a VCTK-style list): `id|text|speaker`.
     * `path|text` or `path|text|speaker` (the first column names an audio file).
     Returns None for a header line. Raises ManifestError."""
-    if delimiter == ",":
-        cols = next(csv.reader(io.StringIO(line)))
-    else:
-        cols = line.split(delimiter)
-    cols = [c.strip() for c in cols]
+    cols = split_columns(line, delimiter)
     if len(cols) < 2:
-        raise ManifestError(f"expected at least 2 '{delimiter}'-separated columns (id|text or path|text|speaker), "
-                            f"got {len(cols)}")
+        raise ManifestError(f"expected at least 2 {delimiter!r}-separated columns (id{delimiter}text or "
+                            f"path{delimiter}text{delimiter}speaker), got {len(cols)}")
     first = cols[0]
-    if first.lower() in ("id", "path", "audio", "file", "wav") and cols[1].lower() in ("text", "transcript"):
+    if first.lower() in HEADER_FIRST and cols[1].lower() in HEADER_TEXT:
         return None
     if not first:
         raise ManifestError("empty id/path column")
-    is_path = first.lower().endswith(AUDIO_EXTENSIONS) or "/" in first or os.sep in first
-    if is_path:
-        if len(cols) > 3:
-            raise ManifestError(f"expected path|text|speaker, got {len(cols)} columns", "unknown_field")
-        text = cols[1]
-        speaker = cols[2] if len(cols) == 3 and cols[2] else None
-        audio = resolve_path(first, base_dir)
-        sid = first
-    else:
-        if len(cols) > 3:
-            raise ManifestError(f"expected id|text[|normalized_text], got {len(cols)} columns", "unknown_field")
-        text = cols[2] if len(cols) == 3 and cols[2] else cols[1]
-        speaker = None
-        audio = _find_audio(base_dir, first)
-        sid = first
+    is_path = _is_audio_path(first)
+    third = third or ("speaker" if is_path else "normalized")
+    if len(cols) > 3:
+        form = "path|text|speaker" if is_path else f"id|text[|{third}]"
+        raise ManifestError(f"expected {form}, got {len(cols)} columns", "unknown_field")
+    extra = cols[2] if len(cols) == 3 and cols[2] else None
+    text = extra if third == "normalized" and extra else cols[1]
+    speaker = extra if third == "speaker" else None
+    audio = resolve_path(first, base_dir) if is_path else _find_audio(base_dir, first)
     if not text:
         raise ManifestError("empty transcript", "no_target")
-    return PlainRow(line_no, sid, audio, text, speaker)
+    return PlainRow(line_no, first, audio, text, speaker)
 
 
-def voice_clone_references(rows: list[PlainRow]) -> dict[int, PlainRow | None]:
+def voice_clone_references(rows: list[PlainRow], usable: Callable[[PlainRow], bool] | None = None
+                           ) -> dict[int, PlainRow | None]:
     """Pair each row with a different row of the same speaker (deterministic: the next utterance of that
-    speaker in list order, cyclically). Rows of a speaker with one utterance map to None."""
+    speaker in list order, cyclically), among the `usable` rows only: an unusable row is never a reference and
+    gets none (it is skipped anyway). Rows of a speaker with one usable utterance map to None."""
     by_spk: dict[str | None, list[PlainRow]] = {}
-    for r in rows:
-        by_spk.setdefault(r.speaker, []).append(r)
     ref: dict[int, PlainRow | None] = {}
+    for r in rows:
+        if usable is None or usable(r):
+            by_spk.setdefault(r.speaker, []).append(r)
+        else:
+            ref[r.line] = None
     for group in by_spk.values():
         for i, r in enumerate(group):
             ref[r.line] = group[(i + 1) % len(group)] if len(group) > 1 else None

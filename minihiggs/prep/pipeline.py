@@ -6,6 +6,7 @@ with the same settings (checked against `prep_state.json`) skips finished shards
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..audio import mel
+from ..constants import CODE_FRAMES_PER_SECOND
 from ..constants import DEFAULT_BASE_REPO as DEFAULT_BASE, DEFAULT_CODEC_REPO as DEFAULT_CODEC
 from ..data.shards import FORMAT, VERSION, read_shard_meta, shard_complete, shard_name, write_index
 from ..errors import PrepError
@@ -49,7 +51,7 @@ def model_settings(config: dict) -> dict:
         cfg = HiggsConfig.from_dict(config)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise PrepError(f"config.json of --base_ckpt: {e}") from None
-    return {"num_codebooks": int(cfg.audio_num_codebooks),
+    return {"num_codebooks": int(cfg.audio_num_codebooks), "vocab_size": int(cfg.text.vocab_size),
             "codebook_size": int(cfg.audio_codebook_size),
             "audio_in_token_id": int(cfg.audio_in_token_id),
             "audio_out_token_id": int(cfg.audio_out_token_id),
@@ -65,7 +67,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_jobs(manifest: Path, kind: str, shard_size: int, voice_clone: bool, scene: str | None):
+def build_jobs(manifest: Path, kind: str, shard_size: int, voice_clone: bool, scene: str | None,
+               max_tokens: int | None = None, log=print):
     """Split the manifest into fixed shards of `shard_size` entries. Returns (jobs, n_entries, notes)."""
     notes = []
     jobs = []
@@ -81,10 +84,13 @@ def build_jobs(manifest: Path, kind: str, shard_size: int, voice_clone: bool, sc
     if kind == "json":
         entries = read_json_array(manifest)
     else:
-        entries, lonely = read_plain_list(manifest, voice_clone, scene)
-        if lonely:
-            notes.append(f"--voice_clone: {lonely} utterance(s) have no other utterance of their speaker; "
-                         "prepared without a reference")
+        usable = None
+        if voice_clone:  # references only among clips that will make it (one read of each, before the shards)
+            log("prep: --voice_clone: checking every clip, so that references are chosen among usable ones")
+            max_seconds = worker_mod.token_limit(max_tokens)[0] / CODE_FRAMES_PER_SECOND
+            usable = functools.partial(worker_mod.reference_usable, max_seconds=max_seconds)
+        entries, list_notes = read_plain_list(manifest, voice_clone, scene, usable)
+        notes += list_notes
     n = len(entries)
     for k, a in enumerate(range(0, n, shard_size)):
         b = min(n, a + shard_size)
@@ -185,7 +191,11 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
         if p.exists():
             p.unlink()
 
-    jobs, n_entries, notes = build_jobs(manifest, kind, shard_size, voice_clone, scene_prompt)
+    if not max_tokens:
+        log(f"prep: no --max_tokens: samples over {worker_mod.DEFAULT_MAX_TOKENS} merged tokens (about "
+            f"{worker_mod.DEFAULT_MAX_TOKENS // CODE_FRAMES_PER_SECOND} s of audio) are skipped as too_long, checked "
+            "from the file headers before decoding; set --max_tokens to change the limit")
+    jobs, n_entries, notes = build_jobs(manifest, kind, shard_size, voice_clone, scene_prompt, max_tokens, log)
     for note in notes:
         log(f"prep: {note}")
     todo, done = [], []
@@ -201,7 +211,7 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
                 "base_dir": str(manifest.parent), "tokenizer_dir": str(base_dir), "codec": codec,
                 "device": device, "max_tokens": max_tokens, **ms,
                 "codec_batch_clips": 32 if device.startswith("cuda") else 8,
-                "threads": max(1, (os.cpu_count() or 1) // workers)}
+                "threads": max(1, (os.cpu_count() or 1) // workers), "parent_pid": os.getpid()}
 
     from tqdm import tqdm
 
@@ -281,17 +291,14 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
     # ---- index, errors, summary
     errors_out, kinds = [], {}
     total_samples, total_seconds = 0, 0.0
-    ids_seen: dict[str, int] = {}
-    dup = 0
+    ids_seen: dict[str, list[int]] = {}
     with open(out / "prep_errors.jsonl.tmp", "w", encoding="utf-8") as ef:
         for j in jobs:
             meta = read_shard_meta(out, j["name"])
             total_samples += len(meta["samples"])
             total_seconds += sum(r["duration"] for r in meta["samples"])
             for r in meta["samples"]:
-                if r["id"] in ids_seen:
-                    dup += 1
-                ids_seen[r["id"]] = 1
+                ids_seen.setdefault(r["id"], []).append(r["line"])
             with open(out / f"{j['name']}.errors.jsonl", encoding="utf-8") as f:
                 for row in f:
                     ef.write(row)
@@ -315,10 +322,16 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
             log(f"  {Path(e['manifest']).name}:{e['line']}: {e['reason']}")
         if n_err > 10:
             log(f"  ... and {n_err - 10} more")
-    if dup:
-        log(f"prep: warning: {dup} duplicate sample id(s); the train/val split hashes ids")
+    dups = {k: v for k, v in ids_seen.items() if len(v) > 1}
+    if dups:
+        shown = "; ".join(f"{k!r} (lines {', '.join(map(str, v))})" for k, v in list(dups.items())[:5])
+        log(f"prep: warning: {len(dups)} sample id(s) used more than once in {manifest.name}: {shown}"
+            + (f"; ... and {len(dups) - 5} more" if len(dups) > 5 else "")
+            + ". The train/val split hashes ids: samples sharing an id always land on the same side; give each "
+              "sample its own \"id\"")
     if total_samples == 0:
-        raise PrepError("nothing usable: every manifest entry was skipped (see prep_errors.jsonl)")
+        raise PrepError(f"{manifest}: nothing usable: every entry ({n_entries}) was skipped (the reasons are in "
+                        f"{out / 'prep_errors.jsonl'})")
     if strict and n_err:
         raise PrepError(f"--strict: {n_err} entr{'y was' if n_err == 1 else 'ies were'} skipped "
                         f"(see {out / 'prep_errors.jsonl'}); no index.json written")

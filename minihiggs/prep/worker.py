@@ -12,12 +12,13 @@ import base64
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..audio import mel
-from ..audio.io import read_audio, resample, to_mono
+from ..audio.io import audio_header, read_audio, resample, to_mono
 from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR
 from ..data.shards import ShardWriter, estimated_length
 from ..errors import AudioError, ManifestError, PrepError
@@ -26,17 +27,75 @@ from ..text.chatml import encode_chatml, expand_audio_in, parse_chatml
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose peak stays below this is treated as silent
 WINDOW = 32  # manifest entries processed together (codec batching, bounded memory)
 FRAMES_PER_CHUNK = mel.CHUNK_SECONDS * CODE_FRAMES_PER_SECOND  # 750 code frames per 30 s Whisper chunk
+# The merged-length limit without --max_tokens (about 160 s of audio in one sample). Memory of prep grows with
+# the longest clip decoded and encoded (the codec holds ~3 KB per input sample: a 10-minute clip is ~17 GB), and
+# every clip is checked against the limit from its file header before it is decoded, so some limit must hold.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def token_limit(max_tokens: int | None) -> tuple[int, str]:
+    """(the merged-length limit, how a message names it)."""
+    if max_tokens:
+        return int(max_tokens), f"--max_tokens {max_tokens}"
+    return DEFAULT_MAX_TOKENS, (f"the default limit of {DEFAULT_MAX_TOKENS} merged tokens (set --max_tokens to change "
+                                "it)")
 
 
 _W = None
+
+
+def reference_usable(path: str, max_seconds: float) -> bool:
+    """Whether the clip at `path` can serve as a voice-clone reference: it exists, its header is readable, it
+    is at least one code frame and at most `max_seconds` long (checked before decoding), and it decodes to
+    finite, non-silent audio: the checks `Worker.load_wave` makes on every clip."""
+    try:
+        if not os.path.exists(path):
+            return False
+        frames, sr = audio_header(path)
+        if not 1.0 / CODE_FRAMES_PER_SECOND <= frames / sr <= max_seconds:
+            return False
+        wave, _ = read_audio(path)
+    except (AudioError, MemoryError):
+        return False
+    return wave.size > 0 and bool(np.isfinite(wave).all()) and float(np.abs(wave).max()) >= SILENCE_PEAK
 
 
 def _init_worker(settings: dict, q) -> None:
     global _W
     import torch
 
+    die_with_parent(settings.get("parent_pid"))
     torch.set_num_threads(max(1, int(settings.get("threads", 1))))
     _W = Worker(settings, q)
+
+
+def die_with_parent(parent: int | None) -> None:
+    """A pool worker must not outlive prep: killed with -9, the parent cannot stop it, and it would keep its
+    memory (and GPU memory) and go on writing shards. Linux: the kernel sends SIGKILL when the parent dies
+    (PR_SET_PDEATHSIG); everywhere: a thread notices the parent pid change within a second (also covers a parent
+    that died before the prctl, and a kernel that sends the death signal when the *thread* that forked exits)."""
+    import threading
+    import time
+
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="minihiggs-parent-watch", daemon=True).start()
 
 
 def _run_job(job: dict) -> dict:
@@ -98,25 +157,52 @@ class Worker:
             raise ManifestError(f"{path}: audio_codes outside [0, {self.s['codebook_size']})", "bad_codes")
         return a.astype(np.int64)
 
-    def load_wave(self, item) -> tuple[np.ndarray, int]:
-        """Decoded mono float32 (offset/duration applied) and its rate; raises ManifestError with the kind."""
+    def header_seconds(self, item) -> float:
+        """Seconds of audio the item will decode to (offset/duration applied), from the file header alone."""
         if item.raw_audio is not None:
-            import soundfile as sf
-
             try:
-                data, sr = sf.read(io.BytesIO(base64.b64decode(item.raw_audio, validate=True)), dtype="float32",
-                                   always_2d=True)
+                src = io.BytesIO(base64.b64decode(item.raw_audio, validate=True))
             except Exception as e:
                 raise ManifestError(f"raw_audio: cannot decode ({type(e).__name__}: {e})", "corrupt_audio") from None
-            wave, sr, name = to_mono(data.T), int(sr), "raw_audio"
         else:
-            name = item.audio_url
-            if not os.path.exists(name):
-                raise ManifestError(f"{name}: audio file not found", "missing_audio")
-            try:
-                wave, sr = read_audio(name)
-            except AudioError as e:
-                raise ManifestError(str(e), "corrupt_audio") from None
+            src = item.audio_url
+            if not os.path.exists(src):
+                raise ManifestError(f"{src}: audio file not found", "missing_audio")
+        try:
+            frames, sr = audio_header(src, "raw_audio" if item.raw_audio is not None else None)
+        except AudioError as e:
+            raise ManifestError(str(e), "corrupt_audio") from None
+        seconds = frames / sr - (item.offset or 0.0)
+        if item.duration is not None:
+            seconds = min(seconds, item.duration)
+        return max(0.0, seconds)
+
+    def load_wave(self, item) -> tuple[np.ndarray, int]:
+        """Decoded mono float32 (offset/duration applied) and its rate; raises ManifestError with the kind."""
+        name = "raw_audio" if item.raw_audio is not None else item.audio_url
+        try:
+            if item.raw_audio is not None:
+                import soundfile as sf
+
+                try:
+                    data, sr = sf.read(io.BytesIO(base64.b64decode(item.raw_audio, validate=True)), dtype="float32",
+                                       always_2d=True)
+                except MemoryError:
+                    raise
+                except Exception as e:
+                    raise ManifestError(f"raw_audio: cannot decode ({type(e).__name__}: {e})",
+                                        "corrupt_audio") from None
+                wave, sr = to_mono(data.T), int(sr)
+            else:
+                if not os.path.exists(name):
+                    raise ManifestError(f"{name}: audio file not found", "missing_audio")
+                try:
+                    wave, sr = read_audio(name)
+                except AudioError as e:
+                    raise ManifestError(str(e), "corrupt_audio") from None
+        except MemoryError:
+            raise ManifestError(f"{name}: not enough memory to decode it (lower --max_tokens, or --workers)",
+                                "out_of_memory") from None
         if item.offset or item.duration is not None:
             a = int(round((item.offset or 0.0) * sr))
             b = len(wave) if item.duration is None else a + int(round(item.duration * sr))
@@ -152,6 +238,34 @@ class Worker:
         for i in range(0, len(keys), step):
             run(keys[i:i + step])
         return out
+
+    def check_vocab(self, ids: list[int]) -> None:
+        """Every id must be one the model can embed: text may contain a special token of the tokenizer that lies
+        beyond the checkpoint's vocabulary (e.g. Llama-3's <|image|> = 128256), which would crash training."""
+        vocab = self.s.get("vocab_size")
+        if vocab is None or not ids or max(ids) < vocab:
+            return
+        bad = min(i for i in ids if i >= vocab)
+        raise ManifestError(f"text contains token {self.tok.decode([bad])!r} (id {bad}), outside the model's "
+                            f"vocabulary (vocab_size {vocab}): remove it from the text", "bad_token")
+
+    def check_length_before_decoding(self, enc) -> None:
+        """Refuse a sample over the token limit from its files' headers, before any audio is decoded (a lower
+        bound: precomputed codes and Whisper rows are counted after). Keeps memory bounded by the limit."""
+        frames, longest = [], (0.0, "")
+        for it in enc.audio:
+            if it.audio_codes:
+                continue
+            seconds = self.header_seconds(it)
+            frames.append(int(seconds * CODE_FRAMES_PER_SECOND))
+            longest = max(longest, (seconds, it.audio_url or "raw_audio"))
+        if not frames:
+            return
+        limit, limit_name = token_limit(self.s["max_tokens"])
+        n = estimated_length(len(enc.input_ids), frames, None, self.s["columns_per_segment"])
+        if n > limit:
+            raise ManifestError(f"{longest[1]}: {longest[0]:.1f} s of audio (file header) make at least {n} merged "
+                                f"tokens, over {limit_name}; not decoded", "too_long")
 
     def split_codes(self, codes: np.ndarray, n_chunks: int) -> list[np.ndarray]:
         T = codes.shape[1]
@@ -200,6 +314,7 @@ class Worker:
                                                     "bad_text_encoding") from None
                             if txt.startswith("\ufeff"):  # a UTF-8 byte-order mark on the first line
                                 txt = txt[1:]
+                            txt = txt.rstrip("\r\n")  # (an error at the end of the line: its column, not "line 2")
                             try:
                                 obj = json.loads(txt)
                             except json.JSONDecodeError as je:
@@ -208,6 +323,7 @@ class Worker:
                         cm = parse_chatml(obj, s["base_dir"])
                         sid = cm.id or f"{s['manifest_name']}:{line}"
                         enc = encode_chatml(cm, self.tok)
+                        self.check_vocab(enc.input_ids)
                         if all(x == -100 for x in enc.label_ids):
                             raise ManifestError("no trainable target (no assistant turn at or after start_index)",
                                                 "no_target")
@@ -220,6 +336,7 @@ class Worker:
                 staged = []
                 for line, sid, enc in parsed:
                     try:
+                        self.check_length_before_decoding(enc)
                         items = []
                         for it in enc.audio:
                             need_feats = s["whisper"] and it.is_input
@@ -260,6 +377,9 @@ class Worker:
                         segs, chunks, feats, lens = [], [], [], []
                         for it, key, wave16 in items:
                             codes = codes_cache.get(key)
+                            if isinstance(codes, MemoryError):
+                                raise ManifestError(f"{it.audio_url or 'raw_audio'}: not enough memory to encode it "
+                                                    "(lower --max_tokens, or --workers)", "out_of_memory")
                             if isinstance(codes, Exception):
                                 raise ManifestError(f"codec failed on {it.audio_url or 'raw_audio'} "
                                                     f"({type(codes).__name__}: {codes})", "corrupt_audio")
@@ -287,9 +407,9 @@ class Worker:
                         frames = [int(c.shape[1]) for c in segs]
                         length = estimated_length(len(ids), frames, lens if s["whisper"] else None,
                                                   s["columns_per_segment"])
-                        if s["max_tokens"] and length > s["max_tokens"]:
-                            raise ManifestError(f"{length} merged tokens exceed --max_tokens {s['max_tokens']}",
-                                                "too_long")
+                        limit, limit_name = token_limit(s["max_tokens"])
+                        if length > limit:
+                            raise ManifestError(f"{length} merged tokens exceed {limit_name}", "too_long")
                         duration = sum(frames) / 25.0
                         writer.add(sample, source=manifest, line=line, speaker=enc.speaker, duration=duration,
                                    length=length)

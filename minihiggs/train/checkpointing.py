@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ResumeError
-from ..fsio import TMP_MARK, fsync_dir, fsync_tree, remove_dir_atomically, remove_stale
+from ..fsio import (TMP_MARK, atomic_write_json, fsync_dir, fsync_tree, remove_dir_atomically, remove_stale,
+                    writing)
 from ..lora.adapter import ADAPTER_WEIGHTS, save_adapter
 from ..lora.apply import load_lora_state_dict, lora_state_dict
 from .distributed import DistEnv, all_gather_objects, barrier, is_fsdp
@@ -46,6 +47,8 @@ STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 ARGS_FILE = "train_args.json"
 _NAME = re.compile(r"^step-(\d+)$")
+# What a failed write of the run's outputs asks the user to do.
+WRITE_HINT = "free disk space or fix the directory, then continue with --resume latest"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,9 +129,11 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
     """Remove what a killed run left half-written (every name with the `.tmp-` marker): `checkpoints/.tmp-step-*`
-    (a checkpoint being written), `.step-*.del.tmp-*` (one being pruned), `.best.tmp-*` / `.final.tmp-*` (an
-    adapter being written). Rank 0, at start-up."""
-    return remove_stale(checkpoint_root(output_dir)) + remove_stale(output_dir)
+    (a checkpoint being written), `.step-*.del.tmp-*` (one being pruned), `.best.tmp-*` / `.final.tmp-*` /
+    `.best.old.tmp-*` (an adapter being written or replaced), `metrics.jsonl.tmp-*` / `loss.png.tmp-*` and
+    `best/best.json.tmp-*` / `final/final.json.tmp-*` (a file being replaced). Rank 0, at start-up."""
+    out = Path(output_dir)
+    return [p for d in (checkpoint_root(out), out, out / "best", out / "final") for p in remove_stale(d)]
 
 
 def check_resume_compatible(state: dict, record: dict, cfg, world_size: int, ckpt: Path) -> None:
@@ -173,12 +178,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sta
         optimizer.load_state_dict(state)
 
 
-def save_adapter_all_ranks(model: nn.Module, out_dir: Path | None, env: DistEnv, base: str) -> None:
-    """Rank 0 writes the adapter. Under FSDP2 the LoRA weights are sharded and `save_adapter` gathers them with
-    collectives, so the other ranks take part in the same gathers (`lora_state_dict`, same order) and write
-    nothing. Call on every rank."""
+def save_adapter_all_ranks(model: nn.Module, out_dir: Path | None, env: DistEnv, base: str,
+                           info: tuple[str, dict] | None = None) -> None:
+    """Rank 0 writes the adapter (and `info`: (file name, JSON object) written into it, e.g. best.json). Under
+    FSDP2 the LoRA weights are sharded and `save_adapter` gathers them with collectives, so the other ranks take
+    part in the same gathers (`lora_state_dict`, same order) and write nothing. Call on every rank."""
     if env.is_main:
-        save_adapter(model, out_dir, base_model_name_or_path=base)
+        with writing(out_dir, WRITE_HINT):
+            save_adapter(model, out_dir, base_model_name_or_path=base)
+            if info is not None:
+                atomic_write_json(Path(out_dir) / info[0], info[1], indent=2)
     elif is_fsdp(model):
         lora_state_dict(model)
 
@@ -196,21 +205,23 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}step-{step:08d}-", dir=root))
     try:
-        save_adapter_all_ranks(model, tmp, env, base)
-        if env.is_main:
-            full = {**state, "step": step, "world_size": env.world_size, "optimizer": opt_state, "rng": rngs,
-                    "version": 1}
-            torch.save(full, tmp / STATE_FILE)
-            summary = {k: v for k, v in full.items() if k not in ("optimizer", "scheduler", "rng")}
-            (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str))
-            (tmp / ARGS_FILE).write_text(json.dumps(args_record, indent=2, default=str))
-            fsync_tree(tmp)  # the data on disk before the name that makes it a checkpoint
-            if final.exists():  # the same step saved twice (e.g. --save_steps hit on the last step): replace
-                remove_dir_atomically(final)
-            tmp.rename(final)
-            tmp = None
-            fsync_dir(root)
-            prune(output_dir, keep, current=step)
+        with writing(final, WRITE_HINT):
+            save_adapter_all_ranks(model, tmp, env, base)
+            if env.is_main:
+                full = {**state, "step": step, "world_size": env.world_size, "optimizer": opt_state, "rng": rngs,
+                        "version": 1}
+                with open(tmp / STATE_FILE, "wb") as f:  # (a file object: a full disk is an OSError, not an
+                    torch.save(full, f)                  # opaque RuntimeError of torch's own writer)
+                summary = {k: v for k, v in full.items() if k not in ("optimizer", "scheduler", "rng")}
+                (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str))
+                (tmp / ARGS_FILE).write_text(json.dumps(args_record, indent=2, default=str))
+                fsync_tree(tmp)  # the data on disk before the name that makes it a checkpoint
+                if final.exists():  # the same step saved twice (e.g. --save_steps hit on the last step): replace
+                    remove_dir_atomically(final)
+                tmp.rename(final)
+                tmp = None
+                fsync_dir(root)
+                prune(output_dir, keep, current=step)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -238,17 +249,73 @@ def prune(output_dir: str | Path, keep: int, current: int | None = None) -> None
 # loading
 
 
+def _read_trainer_state(ckpt: Path) -> dict:
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= state.keys():
+        raise ValueError("not a minihiggs trainer state")
+    return state
+
+
+def check_adapter_file(ckpt: Path) -> list[str]:
+    """The keys of the checkpoint's adapter_model.safetensors, after checking its header and size (cheap: no
+    tensor is read), so that a damaged file is refused before the model is loaded. Raises ValueError."""
+    from safetensors import safe_open
+
+    path = ckpt / ADAPTER_WEIGHTS
+    with safe_open(str(path), framework="pt") as f:  # validates the header and the file size
+        keys = list(f.keys())
+    if not keys or not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+        raise ValueError("not a LoRA adapter (no lora_A / lora_B weights)")
+    return keys
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return f"{path}: unreadable ({type(e).__name__}: {reason[:200]})"
+
+
+def _read_checked(ckpt: Path) -> tuple[dict | None, str | None]:
+    """(trainer state, None), or (None, why `ckpt` cannot be resumed from: its state or adapter unreadable)."""
+    try:
+        state = _read_trainer_state(ckpt)
+    except Exception as e:  # any failure to read the file means the same: damaged
+        return None, _unreadable(ckpt / STATE_FILE, e)
+    try:
+        check_adapter_file(ckpt)
+    except Exception as e:
+        return None, _unreadable(ckpt / ADAPTER_WEIGHTS, e)
+    return state, None
+
+
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    """The checkpoint's trainer state, its adapter file checked too. A damaged checkpoint (truncated, overwritten)
+    is a ResumeError that names the newest older checkpoint of the same run that is intact."""
+    state, problem = _read_checked(ckpt)
+    if state is not None:
+        return state
+    older = [d for _, d in reversed(list_checkpoints(ckpt.parent.parent)) if d.name < ckpt.name]
+    intact = next((d for d in older if _read_checked(d)[1] is None), None)
+    hint = f"resume from the newest intact one: --resume {intact}" if intact is not None else \
+        "no older intact checkpoint in this run: start again in a new --output_dir"
+    raise ResumeError(f"{problem} ({hint})")
 
 
 def load_adapter_weights(model: nn.Module, ckpt: Path) -> None:
     """Copy the checkpoint's LoRA weights into `model` (LoRA already applied with the same config)."""
     from safetensors.torch import load_file
 
-    load_lora_state_dict(model, load_file(str(ckpt / ADAPTER_WEIGHTS)), strict=True)
+    try:
+        load_lora_state_dict(model, load_file(str(ckpt / ADAPTER_WEIGHTS)), strict=True)
+    except (KeyError, ValueError) as e:
+        raise ResumeError(f"{ckpt / ADAPTER_WEIGHTS}: does not match this run's LoRA ({e.args[0]}) (resume with the "
+                          f"--lora_* settings and --base_ckpt of the run that wrote it)") from None
 
 
 def read_args_record(ckpt: Path) -> dict[str, Any]:
     p = ckpt / ARGS_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{p}: unreadable ({e}) (restore it, or resume from another checkpoint)") from None

@@ -79,6 +79,8 @@ class TrainConfig:
             raise TrainConfigError("--max_steps must be >= 1")
         if self.log_steps < 1 or self.val_steps < 0 or self.save_steps < 0 or self.keep_checkpoints < 0:
             raise TrainConfigError("--log_steps must be >= 1; --val_steps, --save_steps and --keep_checkpoints >= 0")
+        if not 0.0 <= self.lr < 1e30:  # (beyond float32's range, AdamW's step size raises mid-run)
+            raise TrainConfigError(f"--lr {self.lr:g}: must be >= 0 and below 1e30")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainConfigError("--val_fraction must be in [0, 1)")
         self.report_to = ",".join(parse_report_to(self.report_to))

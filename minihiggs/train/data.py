@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import functools
+import atexit
 import signal
+import weakref
 
 import torch
 
 from ..config import HiggsConfig
 from ..data.batch import Batch, collate
 from ..data.dataset import BucketBatchSampler, ShardDataset
-from ..errors import ShardError
+from ..errors import ShardError, UserError
 
 
 def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
-    """Shards prepared for another checkpoint layout would fail deep inside collate; say so up front."""
+    """Shards prepared for another checkpoint layout (or holding ids the model cannot embed) would fail deep
+    inside collate or the forward; say so up front, before the model is loaded."""
+    ds.check_vocab(cfg.text.vocab_size)
     if ds.num_codebooks < cfg.audio_num_codebooks:
         raise ShardError(f"{ds.path}: prepared with {ds.num_codebooks} codebooks, the model needs "
-                         f"{cfg.audio_num_codebooks}")
+                         f"{cfg.audio_num_codebooks} (re-run prep.py with this --base_ckpt)")
     if (ds.audio_in_token_id, ds.audio_out_token_id) != (cfg.audio_in_token_id, cfg.audio_out_token_id):
         raise ShardError(f"{ds.path}: prepared for audio token ids {ds.audio_in_token_id}/{ds.audio_out_token_id}, "
-                         f"the model uses {cfg.audio_in_token_id}/{cfg.audio_out_token_id}")
+                         f"the model uses {cfg.audio_in_token_id}/{cfg.audio_out_token_id} (re-run prep.py with this "
+                         f"--base_ckpt)")
     if ds.whisper != cfg.uses_whisper_features:
         raise ShardError(f"{ds.path}: prepared {'with' if ds.whisper else 'without'} Whisper features, but the "
                          f"checkpoint {'needs' if cfg.uses_whisper_features else 'does not use'} them; re-run "
@@ -28,22 +32,101 @@ def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM / SIGINT. Schedulers (SLURM, torchrun) and Ctrl-C signal the whole
-    process group; a worker dying from it makes the main process raise "DataLoader worker ... killed" in the
-    middle of the step it is supposed to finish. Workers still exit when the main process does."""
+    """DataLoader workers ignore SIGTERM / SIGINT. Schedulers (SLURM) and Ctrl-C signal the whole process group;
+    a worker dying from it makes the main process raise "DataLoader worker ... killed" in the middle of the step
+    it is supposed to finish. (torch's own worker handler would obey only the parent's SIGTERM, but it is C code
+    and the signal reaches whichever thread of the worker does not block it.) The price: nothing outside the main
+    process can stop a worker, so the main process must: `LoaderBatches.close` on every way out of the loop, and
+    at interpreter exit for a pass left open (Python's exit-time `terminate()` + `join()` of daemonic children
+    would wait for them forever)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class WorkerError:
+    """A `UserError` raised while fetching a batch, carried to the main process as the batch itself: re-raised
+    there as the same class with the same one-line message (torch would re-raise it with the worker's traceback
+    inside the message)."""
+
+    def __init__(self, error: UserError):
+        self.cls, self.message = type(error), str(error)
+
+    def exception(self) -> Exception:
+        try:
+            return self.cls(self.message)
+        except Exception:  # a class whose constructor wants other arguments
+            return UserError(self.message)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The loader's dataset: one `__getitems__` call per batch (sample reads + collate), UserErrors as values."""
+
+    def __init__(self, ds: ShardDataset, cfg: HiggsConfig):
+        self.ds, self.cfg = ds, cfg
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> Batch | WorkerError:
+        try:
+            return collate([self.ds[i] for i in indices], self.cfg)
+        except UserError as e:
+            return WorkerError(e)
+
+
+def _as_is(batch):
+    return batch
+
+
 def train_loader(ds: ShardDataset, sampler: BucketBatchSampler, cfg: HiggsConfig, num_workers: int,
                  pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Batches come from `sampler` (set its epoch and position before each `iter`). The loader gets its own
-    generator: creating an iterator otherwise draws a seed from the *global* torch RNG, which would shift the
-    dropout stream at every epoch start and break bitwise resume."""
+    """Batches come from `sampler` (set its epoch and position before each `iter`); iterate through
+    `LoaderBatches`. The loader gets its own generator: creating an iterator otherwise draws a seed from the
+    *global* torch RNG, which would shift the dropout stream at every epoch start and break bitwise resume."""
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=functools.partial(collate, cfg=cfg), num_workers=num_workers,
-        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals,
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+        _Batches(ds, cfg), batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals, persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None)
+
+
+class LoaderBatches:
+    """One pass of the loader: `next()` gives a Batch or raises the worker's UserError (one line); `close()` stops
+    the workers now. Close it on every way out (the loop does, in `finally`); a pass still open at interpreter
+    exit (e.g. kept alive by a traceback) is closed then, before Python's own wait for its child processes."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self._it = iter(loader)
+        _OPEN.add(self)
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        if isinstance(batch, WorkerError):
+            self.close()
+            raise batch.exception()
+        return batch
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        _OPEN.discard(self)
+        if it is None:
+            return
+        shutdown = getattr(it, "_shutdown_workers", None)  # (no public API; the iterator's __del__ calls it)
+        if shutdown is not None:
+            shutdown()  # tells the workers to exit, waits a few seconds, then terminate(): ignored by them, so
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():  # a worker still busy (or stuck) after that: no more waiting
+                w.kill()
+                w.join(timeout=5)
+
+
+_OPEN: "weakref.WeakSet[LoaderBatches]" = weakref.WeakSet()
+
+
+@atexit.register  # (runs before multiprocessing's exit handler, registered earlier when torch was imported)
+def _close_open_passes() -> None:
+    for batches in list(_OPEN):
+        batches.close()
 
 
 def val_batches(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: int,

@@ -14,7 +14,6 @@ RNG streams, all written by `checkpointing.save_checkpoint` and read back in `se
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
@@ -31,20 +30,25 @@ from ..model.checkpoint import load_model
 from ..model.loss import LossSums
 from . import checkpointing as ckpt_io
 from .config import TrainConfig
-from .data import check_dataset, train_loader, validation_set
-from .distributed import DistEnv, all_reduce_sum, wrap_model
+from .data import LoaderBatches, check_dataset, train_loader, validation_set
+from .distributed import DistEnv, all_reduce_max, all_reduce_sum, is_fsdp, wrap_model
+from .guard import UpdateGuard
+from .preflight import check_output_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
 from .state import TrainState
 from .step import evaluate, loss_fields, train_step
 
 MAX_NONFINITE_IN_A_ROW = 5
+BROKEN_UPDATE = "update (finite loss and gradients, but the new LoRA weights were non-finite or too large: lower --lr)"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
 class LoRARecipe:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, argv: list[str]):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, argv: list[str], stop: StopRequest | None = None):
         self.cfg, self.env = cfg, env
+        # The stop-signal handler; `minihiggs.train.train` installs it before setup (see signals.py for the rule).
+        self.stop = stop if stop is not None else StopRequest()
         self.device = env.device
         self.out = Path(cfg.output_dir)
         self.base = str(Path(cfg.base_ckpt).resolve()) if Path(cfg.base_ckpt).is_dir() else cfg.base_ckpt
@@ -65,6 +69,7 @@ class LoRARecipe:
     def setup_output(self) -> None:
         """The resume point (--resume), stale temporaries of a killed run, and the metric logger."""
         cfg, env = self.cfg, self.env
+        check_output_dir(self.out)
         self.resume_from = ckpt_io.resolve_resume(cfg.resume, self.out)
         if self.resume_from is None and ckpt_io.list_checkpoints(self.out):
             raise ResumeError(f"{self.out} already holds checkpoints; pass --resume latest to continue, or another "
@@ -74,7 +79,6 @@ class LoRARecipe:
             ckpt_io.check_resume_compatible(self.saved, ckpt_io.read_args_record(self.resume_from), cfg,
                                             env.world_size, self.resume_from)
         if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temporaries(self.out)
         self.log = make_logger(self.out, enabled=env.is_main, report_to=cfg.report_to, config=self.record["args"],
                                resume=self.saved is not None)
@@ -101,8 +105,9 @@ class LoRARecipe:
             (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.dtype = dtype
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        model = load_model(cfg.base_ckpt, dtype=dtype, device=self.device)
-        check_dataset(self.ds, model.config)
+        ckpt_dir, model_cfg = read_model_config(cfg.base_ckpt)
+        check_dataset(self.ds, model_cfg)  # before the weights load: a mismatch is an error within seconds
+        model = load_model(ckpt_dir, dtype=dtype, device=self.device)
         self.lora_report = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                       targets=cfg.lora_targets, seed=cfg.seed)
         if self.resume_from is not None:
@@ -123,6 +128,7 @@ class LoRARecipe:
         cfg = self.cfg
         self.params = [p for p in self.train_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd, betas=(0.9, 0.999), eps=1e-8)
+        self.guard = UpdateGuard(self.optimizer, sharded=is_fsdp(self.train_model))
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, self.warmup, self.state.total_steps)
 
     def restore(self) -> None:
@@ -136,7 +142,8 @@ class LoRARecipe:
             self.state = TrainState.from_dict(saved)
             self.state.total_steps, self.state.grad_accum = total, cfg.grad_accum  # these may change on resume
         self.last_saved = self.state.step if saved is not None else -1
-        self.last_val = self.state.step if saved is not None else -1
+        # (older checkpoints do not record it: they were written after any validation of their step)
+        self.last_val = int(saved.get("last_val", self.state.step)) if saved is not None else -1
         if saved is not None and saved.get("world_size") == env.world_size:
             ckpt_io.set_rng_state(saved["rng"][env.rank], self.device)
         else:
@@ -148,7 +155,7 @@ class LoRARecipe:
             (self.pbar.write if self.pbar is not None else print)(msg)
 
     def checkpoint_state(self) -> dict:
-        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val,
                 "sampler": self.sampler.state_dict(batches_done=self.state.batches_in_epoch)}
 
     def save(self, reason: str) -> Path:
@@ -160,18 +167,28 @@ class LoRARecipe:
         self.say(f"step {s.step}: checkpoint {path}")
         return path
 
-    def validate(self) -> dict:
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective under torchrun: every rank calls it at the same point)."""
+        if not (self.env.initialized and self.env.world_size > 1):
+            return self.stop.signal is not None
+        flag = torch.tensor([1.0 if self.stop.signal else 0.0], device=self.device)
+        return bool(all_reduce_max(flag).item())
+
+    def validate(self) -> dict | None:
+        """A validation pass (best/ written on a new best); None when a stop request interrupted it (nothing
+        logged: the checkpoint must not wait for the rest of a long validation)."""
         s = self.state
-        rep = evaluate(self.train_model, self.val_set, self.device)
+        rep = evaluate(self.train_model, self.val_set, self.device, should_stop=self.stop_agreed)
+        if rep is None:
+            self.say(f"step {s.step}: validation interrupted by {self.stop.signal}")
+            return None
         self.last_val = s.step
         improved = rep["total"] < s.best_val
         if improved:
             s.best_val, s.best_step, s.bad_evals = rep["total"], s.step, 0
             ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "best" if self.env.is_main else None,
-                                           self.env, self.base)
-            if self.env.is_main:
-                (self.out / "best" / "best.json").write_text(
-                    json.dumps({"step": s.step, "val": loss_fields(rep)}, indent=2))
+                                           self.env, self.base,
+                                           info=("best.json", {"step": s.step, "val": loss_fields(rep)}))
         else:
             s.bad_evals += 1
         self.log.log({"split": "val", "step": s.step, **loss_fields(rep), "text_targets": rep["text_targets"],
@@ -195,22 +212,28 @@ class LoRARecipe:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> int:
         cfg, s, K = self.cfg, self.state, self.model.config.audio_num_codebooks
+        stop, own_handler = self.stop, not self.stop.installed
+        if own_handler:  # (a caller other than `minihiggs.train.train`)
+            stop.install()
+        stop.defer()  # from here on a stop request is honoured at the next step or validation batch, with a checkpoint
         self.announce()
+        nonfinite_run, stop_reason = 0, None
         if self.saved is None and self.val_set and cfg.val_steps:
-            self.validate()  # the untrained baseline (LoRA B = 0: exactly the base model)
-        stop = StopRequest()
-        stop.install()
+            if self.validate() is None:  # the untrained baseline (LoRA B = 0: exactly the base model)
+                stop_reason = "signal"
         from tqdm import tqdm
 
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
                          dynamic_ncols=True, mininterval=1.0)
         window, window_tokens, window_t0 = None, 0, time.perf_counter()  # the current --log_steps window
-        nonfinite_run, stop_reason = 0, None
+        batches: LoaderBatches | None = None
         try:
             while s.step < s.total_steps and stop_reason is None:
                 self.sampler.set_epoch(s.epoch)
                 self.sampler.skip(s.batches_in_epoch)
-                batches = iter(self.loader)
+                if batches is not None:
+                    batches.close()
+                batches = LoaderBatches(self.loader)
                 epoch_done = False
                 while s.step < s.total_steps and stop_reason is None and not epoch_done:
                     micro, epoch_done = self.next_micro_batches(batches)
@@ -218,20 +241,19 @@ class LoRARecipe:
                     # One collective per step: loss sums and counts, tokens, and whether any rank was signalled.
                     vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
                         [res.tokens, 1.0 if stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
-                    loss = LossSums.from_vector(vec[:2 + 2 * K]).report()["total"]
-                    step_tokens, stop_requested = int(vec[-2]), bool(vec[-1] > 0)
                     lr = self.optimizer.param_groups[0]["lr"]
-                    grad_norm = self.clip_gradients()
-                    if math.isfinite(loss) and math.isfinite(grad_norm):
-                        self.optimizer.step()
+                    loss, grad_norm, weights_ok = self.update(vec[:2 + 2 * K])  # (the step's one host sync)
+                    step_tokens, stop_requested = int(vec[-2]), bool(vec[-1] > 0)
+                    if math.isfinite(loss) and math.isfinite(grad_norm) and weights_ok:
                         nonfinite_run = 0
                         window = vec[:2 + 2 * K] if window is None else window + vec[:2 + 2 * K]
                     else:
                         nonfinite_run += 1
                         self.log.log({"event": "nonfinite", "step": s.step + 1, "loss": loss, "grad_norm": grad_norm,
-                                      "in_a_row": nonfinite_run})
-                        self.say(f"step {s.step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update "
-                                 f"skipped ({nonfinite_run} in a row)")
+                                      "weights_finite": weights_ok, "in_a_row": nonfinite_run})
+                        what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else BROKEN_UPDATE
+                        self.say(f"step {s.step + 1}: non-finite {what}: update rejected, weights and optimizer "
+                                 f"state kept ({nonfinite_run} in a row)")
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()  # the schedule follows the data, skipped updates included
                     s.step += 1
@@ -254,8 +276,9 @@ class LoRARecipe:
                                           "tokens_per_s": round(window_tokens / elapsed, 1), "tokens": s.tokens})
                         window, window_tokens, window_t0 = None, 0, time.perf_counter()
                     if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
-                        self.validate()
-                        if cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
+                        if self.validate() is None:
+                            stop_reason = "signal"
+                        elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
                             stop_reason = "early_stop"
                             self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step,
                                           "best_val": s.best_val})
@@ -269,19 +292,36 @@ class LoRARecipe:
                     if stop_requested and stop_reason is None:
                         stop_reason = "signal"
         finally:
+            if batches is not None:
+                batches.close()  # the workers stop now, also on an exception or an abort
             self.pbar.close()
             self.pbar = None
-            stop.restore()
         try:
             return self.finish(stop_reason, stop.signal)
         finally:
+            if own_handler:
+                stop.restore()
             self.log.close()
 
-    def clip_gradients(self) -> float:
+    def clip_gradients(self) -> torch.Tensor:
         from ..wrappers import full_tensor
 
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        return float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
+        return full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def update(self, loss_vec: torch.Tensor) -> tuple[float, float, bool]:
+        """Clip, step the optimizer, check the new weights (`guard.py`), then read the loss, the gradient norm and
+        that verdict in one host sync. An update with any of them non-finite is undone: weights and optimizer state
+        as before it. Returns (loss, grad norm, whether the new weights were finite)."""
+        norm = self.clip_gradients()
+        self.guard.snapshot()
+        self.optimizer.step()
+        weights_ok = self.guard.weights_finite()
+        loss = LossSums.from_vector(loss_vec).report()["total"]
+        grad_norm, ok = float(norm), bool(weights_ok)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and ok):
+            self.guard.restore()
+        return loss, grad_norm, ok
 
     def announce(self) -> None:
         cfg, env, s = self.cfg, self.env, self.state
@@ -318,27 +358,36 @@ class LoRARecipe:
             if env.is_main:
                 print(f"error: {msg}", file=sys.stderr)
             return 1
+        if stop_reason is None and self.val_set and self.last_val != s.step and self.validate() is None:
+            stop_reason = "signal"  # interrupted final validation: the resumed run redoes it, then writes final/
         if stop_reason == "signal":
-            path = self.save("signal") if self.last_saved != s.step else \
-                ckpt_io.checkpoint_root(self.out) / f"step-{s.step:08d}"
-            self.log.log({"event": "interrupted", "step": s.step, "signal": signal_name})
-            self.render_plot()
-            self.say(f"stopped by a signal at step {s.step}; continue with --resume latest (checkpoint {path})")
-            return 0
-        if self.val_set and self.last_val != s.step:
-            self.validate()
+            return self.finish_stopped(signal_name)
         if self.last_saved != s.step:
             self.save("end")
-        ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "final" if env.is_main else None, env, self.base)
-        if env.is_main:
-            (self.out / "final" / "final.json").write_text(json.dumps(
-                {"step": s.step, "best_step": s.best_step, "best_val": None if math.isinf(s.best_val) else s.best_val,
-                 "stop_reason": stop_reason or "done"}, indent=2))
+        ckpt_io.save_adapter_all_ranks(
+            self.train_model, self.out / "final" if env.is_main else None, env, self.base,
+            info=("final.json", {"step": s.step, "best_step": s.best_step,
+                                 "best_val": None if math.isinf(s.best_val) else s.best_val,
+                                 "stop_reason": stop_reason or "done"}))
         self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
         png = self.render_plot()
         self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "
                  f"{self.out / 'best' if s.best_step is not None else '-'}; metrics {self.out / 'metrics.jsonl'}"
                  + (f"; plot {png}" if png else ""))
+        return 0
+
+    def finish_stopped(self, signal_name: str | None) -> int:
+        """A stop request: a checkpoint of this step (none at step 0: a fresh start is the same run), exit 0."""
+        s, signal_name = self.state, signal_name or self.stop.signal
+        if s.step == 0:
+            self.log.log({"event": "interrupted", "step": 0, "signal": signal_name})
+            self.say(f"stopped by {signal_name} before the first step: nothing to save; run the same command again")
+            return 0
+        path = self.save("signal") if self.last_saved != s.step else \
+            ckpt_io.checkpoint_root(self.out) / f"step-{s.step:08d}"
+        self.log.log({"event": "interrupted", "step": s.step, "signal": signal_name})
+        self.render_plot()
+        self.say(f"stopped by {signal_name} at step {s.step}; continue with --resume latest (checkpoint {path})")
         return 0
 
     def render_plot(self) -> Path | None:

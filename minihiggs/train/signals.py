@@ -1,31 +1,98 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the optimizer step, save a checkpoint, exit 0."""
+"""Stopping on SIGTERM / SIGINT: one rule from the start of setup to the end of the run.
+
+The rule (also in the README, "Training"):
+
+* The first SIGTERM or SIGINT is a stop request. In the loop, the current optimizer step (or validation)
+  finishes, a checkpoint is written, the process exits 0; `--resume latest` continues exactly. Before the loop
+  (setup: nothing trained, nothing to save) the run stops at once, also with exit 0.
+* Repeats of it are the same request, never an abort: a job's signal usually arrives more than once. SLURM
+  signals every process of the job step, torchrun forwards the signal it receives to every rank (so a rank gets
+  the scheduler's copy *and* torchrun's, at any distance in time), and a terminal's Ctrl-C reaches the whole
+  process group. So a repeated SIGTERM never aborts, nor does a SIGINT within `GRACE_S` seconds of the first
+  signal.
+* A SIGINT more than `GRACE_S` seconds after the first signal is a deliberate second Ctrl-C: the run aborts at
+  once without a checkpoint (exit 130). Launchers and schedulers escalate with SIGKILL, which needs no rule.
+
+`Interrupted` is raised from the handler for the two "at once" cases; it derives from KeyboardInterrupt, so no
+`except Exception` on the way up swallows it, and `finally` blocks (DataLoader workers, process group) still run.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+import time
+
+GRACE_S = 3.0  # repeats within this many seconds of the first signal are copies of it (see the module doc)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop that cannot wait for the end of a step: before training (`abort` False: nothing to save) or a
+    deliberate second Ctrl-C (`abort` True: the steps since the last checkpoint are lost)."""
+
+    def __init__(self, signal_name: str, abort: bool):
+        super().__init__(signal_name)
+        self.signal_name, self.abort = signal_name, abort
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag the loop reads after each optimizer step; a second signal aborts."""
+    """Installs the handler of both stop signals; `signal` holds the first one's name once one arrived.
 
-    def __init__(self) -> None:
+    Until `defer()` is called (setup) a stop raises `Interrupted` at once; after it (the loop) the first signal
+    only sets `signal`, which the loop reads at its safe points (every optimizer step, every validation batch)."""
+
+    def __init__(self, grace_s: float = GRACE_S) -> None:
+        self.grace_s = grace_s
         self.signal: str | None = None
+        self.deferred = False
+        self._first_at = 0.0
+        self._said_repeat = False
         self._previous: dict[int, object] = {}
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # (signal.signal works only there)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def defer(self) -> None:
+        """From now on a stop request waits for the loop's next safe point (a checkpoint is written there)."""
+        self.deferred = True
+
     def _handle(self, signum: int, frame) -> None:
-        if self.signal is not None:
-            self.restore()
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal} received: finishing this optimizer step, then saving a checkpoint", file=sys.stderr,
-              flush=True)
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._first_at = name, now
+            if not self.deferred:
+                raise Interrupted(name, abort=False)
+            _say(f"\n{name} received: finishing this optimizer step, then saving a checkpoint (exit 0). A Ctrl-C "
+                 f"more than {self.grace_s:g} s from now aborts without a checkpoint.")
+            return
+        if signum == signal.SIGINT and now - self._first_at > self.grace_s:
+            raise Interrupted(name, abort=True)
+        if not self._said_repeat:  # said once: a launcher may deliver many copies
+            self._said_repeat = True
+            _say(f"{name} received again: already stopping (a repeated SIGTERM, or a signal within "
+                 f"{self.grace_s:g} s of the first, is the same request)")
+
+
+def _say(msg: str) -> None:
+    """Write from a signal handler: os.write, since the handler may run while the main thread is inside a
+    buffered write to stderr (a print there would raise 'reentrant call')."""
+    try:
+        os.write(sys.stderr.fileno(), (msg + "\n").encode())
+    except (OSError, ValueError, AttributeError):  # no real stderr (captured, closed)
+        pass

@@ -7,6 +7,7 @@ loss is a sum divided by the step's (or the validation set's) *global* target co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,20 +52,27 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], device: torch
 
 
 @torch.no_grad()
-def evaluate(train_model: torch.nn.Module, batches: list[tuple[Batch, bool]], device: torch.device) -> dict:
+def evaluate(train_model: torch.nn.Module, batches: list[tuple[Batch, bool]], device: torch.device,
+             should_stop: Callable[[], bool] | None = None) -> dict | None:
     """Validation over this rank's batches, sums all-reduced: {total, text_loss, audio_loss, per codebook, ...}.
 
     Under FSDP2 the forward is a collective, so every rank runs the same number of batches; `pad` batches only
-    keep that count equal and are not counted. Otherwise the unwrapped model is used (no DDP hooks)."""
+    keep that count equal and are not counted. Otherwise the unwrapped model is used (no DDP hooks).
+    `should_stop` is asked before every batch (on every rank: it may be a collective); when it says yes the pass
+    is abandoned and None returned."""
     model = train_model if is_fsdp(train_model) else unwrap(train_model)
     was_training = model.training
     model.eval()
     total: torch.Tensor | None = None
-    for batch, pad in batches:
-        v = model(batch.to(device, non_blocking=True)).as_vector()
-        v = torch.zeros_like(v) if pad else v  # (0 * NaN would still be NaN)
-        total = v if total is None else total + v
-    model.train(was_training)
+    try:
+        for batch, pad in batches:
+            if should_stop is not None and should_stop():
+                return None
+            v = model(batch.to(device, non_blocking=True)).as_vector()
+            v = torch.zeros_like(v) if pad else v  # (0 * NaN would still be NaN)
+            total = v if total is None else total + v
+    finally:
+        model.train(was_training)
     assert total is not None
     return LossSums.from_vector(all_reduce_sum(total)).report()
 
