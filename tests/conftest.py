@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,3 +67,44 @@ def shards(tmp_path_factory) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "extras: needs an optional extra (tensorboard, wandb, matplotlib); "
                                        "skipped without it, run by `make test-extras`")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, higgs_dir, tok):
+    """Checkpoint directories as prep reads them (config.json + the Higgs tokenizer files; prep needs no weights):
+    "ff" without a Whisper tower, "whisper" with one."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    from helpers import TOWER
+
+    from minihiggs.model.tiny import tiny_config
+
+    for name, config in (("ff", tiny_config()), ("whisper", tiny_config(audio_tower=TOWER))):
+        d = root / name
+        shutil.copytree(higgs_dir, d)
+        (d / "config.json").write_text(json.dumps(config))
+        out[name] = d
+    out["tok"] = tok
+    return out
+
+
+@pytest.fixture(scope="module")
+def codec_variant() -> Path:
+    """Whichever real-architecture tokenizer golden variant exists (the first), with two of its clips."""
+    from golden import CODEC_ROOT, variants
+
+    found = variants(CODEC_ROOT)
+    assert found, f"no tokenizer golden variant under {CODEC_ROOT}"
+    v = found[0]
+    assert len(sorted((v / "clips").glob("*.wav"))) >= 2, f"{v}: the voice-clone test needs two clips"
+    return v
+
+
+@pytest.fixture(scope="module")
+def codec_dir(tmp_path_factory, codec_variant):
+    from golden import materialized
+
+    d = tmp_path_factory.mktemp("codec")
+    shutil.copy(codec_variant / "config.json", d / "config.json")
+    os.symlink(materialized(codec_variant), d / "model.safetensors")
+    return d

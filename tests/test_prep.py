@@ -16,49 +16,14 @@ from safetensors.torch import load_file
 
 import prep
 from minihiggs.errors import PrepError
-from minihiggs.prep import run_prep
 from minihiggs.prep import worker as prep_worker
 from minihiggs.prep.pipeline import model_settings
-from golden import CODEC_ROOT, REPO, materialized, variants
-from helpers import LLAMA_DIR, TOWER
-from minihiggs.model.tiny import tiny_config
+from golden import REPO
+from helpers import LLAMA_DIR, NO_CODEC, codes_file, errors_of, run, tone
 from minihiggs.audio.io import load_audio
 from minihiggs.text.chatml import encode_chatml, parse_chatml, tts_sample
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.audio.mel import whisper_features
-
-NO_CODEC = "/nonexistent/codec"  # loading it would fail: proves that precomputed codes skip the codec
-
-
-def tone(sr, seconds, channels=1, f0=220.0, seed=0):
-    t = np.arange(int(round(sr * seconds))) / sr
-    rng = np.random.default_rng(seed)
-    x = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * 3.1 * f0 * t) + 0.01 * rng.standard_normal(len(t))
-    x = x.astype(np.float32)
-    if channels == 2:
-        x = np.stack([x, 0.5 * np.roll(x, 7)], axis=1)
-    return x
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, higgs_dir, tok):
-    """Checkpoint directories as prep reads them (config.json + the Higgs tokenizer files; prep needs no weights):
-    "ff" without a Whisper tower, "whisper" with one."""
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for name, config in (("ff", tiny_config()), ("whisper", tiny_config(audio_tower=TOWER))):
-        d = root / name
-        shutil.copytree(higgs_dir, d)
-        (d / "config.json").write_text(json.dumps(config))
-        out[name] = d
-    out["tok"] = tok
-    return out
-
-
-def codes_file(path, frames, seed, C=8):
-    np.save(path, np.random.default_rng(seed).integers(0, 1024, (C, frames)))
-    return path.name
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -125,17 +90,6 @@ def data(tmp_path_factory):
                        13: "unknown_field", 14: "bad_codes", 15: "missing_audio", 17: "invalid", 18: "invalid"}
     return {"dir": d, "manifest": d / "train.jsonl", "good": [(1, good_a), (4, good_b), (16, good_c)],
             "errors": expected_errors}
-
-
-def run(manifest, out, ckpt, **kw):
-    kw.setdefault("codec", NO_CODEC)
-    kw.setdefault("progress", False)
-    kw.setdefault("log", lambda *a: None)
-    return run_prep(manifest, out, base_ckpt=str(ckpt), **kw)
-
-
-def errors_of(out):
-    return [json.loads(x) for x in (Path(out) / "prep_errors.jsonl").read_text().splitlines()]
 
 
 def shard_hashes(out):
@@ -364,26 +318,6 @@ def test_cli_and_makefile(ckpts, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- with the codec
-CODEC_VARIANTS = variants(CODEC_ROOT)
-
-
-@pytest.fixture(scope="module")
-def codec_variant() -> Path:
-    """Whichever real-architecture tokenizer golden variant exists (the first), with two of its clips."""
-    assert CODEC_VARIANTS, f"no tokenizer golden variant under {CODEC_ROOT}"
-    v = CODEC_VARIANTS[0]
-    assert len(sorted((v / "clips").glob("*.wav"))) >= 2, f"{v}: the voice-clone test needs two clips"
-    return v
-
-
-@pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory, codec_variant):
-    d = tmp_path_factory.mktemp("codec")
-    shutil.copy(codec_variant / "config.json", d / "config.json")
-    os.symlink(materialized(codec_variant), d / "model.safetensors")
-    return d
-
-
 def test_plain_list_voice_clone_with_codec(ckpts, codec_variant, codec_dir, tmp_path):
     """A `path|text|speaker` list through the real-architecture codec: codes equal the golden codes of the
     tokenizer clips, the voice-clone layout pairs utterances of the same speaker, bad lines are reported."""

@@ -23,7 +23,7 @@ from minihiggs.data.dataset import ShardDataset
 from minihiggs.errors import PrepError
 from minihiggs.prep import worker as prep_worker
 from minihiggs.prep.manifest import read_plain_list
-from test_prep import NO_CODEC, ckpts, codec_dir, codes_file, errors_of, run, tone  # noqa: F401 (fixtures)
+from helpers import NO_CODEC, codes_file, errors_of, run, tone
 
 SYS = {"role": "system", "content": "Generate audio following instruction."}
 

@@ -300,7 +300,9 @@ except Interrupted as e:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
         assert "aborted" not in stderr and "aborting" not in stderr, stderr[-3000:]
-        assert stderr.count("SIGTERM received: finishing") == 2 and stderr.count("already stopping") == 2
+        # Both ranks took the stop; the forwarded copy either printed "already stopping" or merged with the first
+        # (the kernel does not queue a signal that is still pending, e.g. while a rank waits in a collective).
+        assert stderr.count("SIGTERM received: finishing") == 2
         ckpts = ckpt_io.list_checkpoints(out)
         assert len(ckpts) == 1, stdout[-2000:] + stderr[-3000:]
         step = ckpts[0][0]
