@@ -156,7 +156,8 @@ class Engine:
             hidden = prefill(self.model, cache, b, self._embed_prompt(row.merged), row.merged.discrete[None].to(self.device))
             kind = self._kind(row)
             logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
-            self._advance(b, row, kind, None, logits, 0, trace)
+            info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1]} if trace else None
+            self._advance(b, row, kind, None, logits, info, trace)
         if on_step is not None:
             on_step(sum(not r.done for r in rows))
 
@@ -186,10 +187,11 @@ class Engine:
             for b, (row, kind) in enumerate(zip(rows, kinds)):
                 if kind is None:
                     continue
-                past = row.pos
+                info = {"past_seen": row.pos, "hidden": h[b], "fed": ("audio", cols[b].clone()) if kind == AUDIO
+                        else ("text", int(tokens[b]))} if trace else None
                 row.pos += 1
-                raw = audio_logits[b] if kind == AUDIO else (text_logits[b:b + 1] if kind == TEXT else None)
-                self._advance(b, row, kind, raw, raw, past, trace)
+                self._advance(b, row, kind, audio_logits[b] if kind == AUDIO else None,
+                              text_logits[b:b + 1] if kind == TEXT else None, info, trace)
             if on_step is not None:
                 on_step(sum(not r.done for r in rows))
 
@@ -204,10 +206,13 @@ class Engine:
             return AUDIO
         return TEXT
 
-    def _advance(self, b: int, row: _Row, kind: int, raw_audio, text_logits, past_seen: int, trace: Trace | None) -> None:
-        """Select this iteration's token/column for `row` from its logits and update its state."""
+    def _advance(self, b: int, row: _Row, kind: int, raw_audio: torch.Tensor | None, text_logits: torch.Tensor | None,
+                 info: dict | None, trace: Trace | None) -> None:
+        """Select this iteration's token/column for `row` from its logits ([K, C] audio / [1, V] text, CPU float32)
+        and update its state. `info` (tracing only) is completed and handed to the trace callback."""
         ids = self.ids
         sel: AudioSelection | None = None
+        delay_in = row.delay
         if kind == AUDIO:
             window = row.history[:, :row.hist]
             sel = select_audio(raw_audio, window, row.delay, row.req.sampling, row.gen, ids)
@@ -236,12 +241,10 @@ class Engine:
             row.tokens.append(token)
             row.last = token
         row.iterations += 1
-        if trace is not None:
-            trace(b, {"kind": kind, "past_seen": past_seen, "token": token, "selection": sel,
-                      "audio_logits": raw_audio if kind == AUDIO else None,
-                      "text_logits": text_logits if kind == TEXT else None,
-                      "fed_column": sel.tokens if sel is not None and token == ids.audio_out_token else
-                      (row.feed_col if kind == AUDIO_INIT else None)})
+        if info is not None:
+            info.update(kind=kind, token=token, selection=sel, delay_in=delay_in, audio_logits=raw_audio,
+                        text_logits=text_logits)
+            trace(b, info)
         if token in self.stop_tokens:
             row.done, row.stop_reason = True, "stop_token"
         elif row.iterations >= row.req.max_new_tokens:
