@@ -28,6 +28,7 @@ import torch
 from ..data.batch import revert_delay_pattern
 from ..model.higgs import HiggsAudioModel
 from ..model.kv_cache import StaticKVCache, decode_one_token, prefill
+from .cuda_graph import GraphedStep
 from .prompt import MergedPrompt, Prompt, merge_prompt
 from .sampling import AudioIds, AudioSelection, DelayState, SamplingConfig, select_audio, select_text
 
@@ -97,7 +98,9 @@ Trace = Callable[[int, dict], None]
 class Engine:
     """Generation with a model (base, base + LoRA, or merged), on its device and dtype."""
 
-    def __init__(self, model: HiggsAudioModel, stop_tokens: tuple[int, ...] = DEFAULT_STOP_TOKENS):
+    def __init__(self, model: HiggsAudioModel, stop_tokens: tuple[int, ...] = DEFAULT_STOP_TOKENS,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: replay pure-audio and pure-text decode steps from CUDA graphs (default: on for CUDA)."""
         self.model = model.eval()
         cfg = model.config
         self.cfg = cfg
@@ -106,6 +109,39 @@ class Engine:
         self.audio_out_bos = int(cfg.audio_out_bos_token_id)
         self.stop_tokens = frozenset(int(t) for t in stop_tokens)
         self.device = model.embed_tokens.weight.device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        # The cache (and its graphs) of the last call, reused while the batch size and length bucket stay the same:
+        # stale slots are never visible (a slot is written before any query can see it).
+        self._cache: StaticKVCache | None = None
+        self._graphs: dict[str, GraphedStep] = {}
+
+    def _cache_for(self, batch: int, length: int) -> StaticKVCache:
+        bucket = 256 if self.device.type == "cuda" else 16
+        length = -(-length // bucket) * bucket
+        c = self._cache
+        if c is None or c.batch != batch or c.max_len != length:
+            self._cache, self._graphs = None, {}
+            c = self._cache = StaticKVCache(self.model, batch, length)
+        return c
+
+    def _step(self, cache: StaticKVCache, tokens, cols, is_audio, pos, mode: str, need_audio: bool,
+              need_text: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Embed, trunk and the heads the rows need: (hidden [B, H], audio logits [B, K, C], text logits [B, V])."""
+        def run(tokens, cols, is_audio, pos, audio_head=need_audio, text_head=need_text):
+            h = decode_one_token(self.model, cache, self._embed_step(tokens, cols, is_audio, mode), pos, is_audio, mode)
+            return (h, self.model.audio_logits(h) if audio_head else None,
+                    self._text_logits(h) if text_head else None)
+
+        args = (tokens.to(self.device), cols.to(self.device), is_audio.to(self.device), pos.to(self.device))
+        if not self.cuda_graphs or mode == "mixed":  # (mixed steps are rare: at most one per row and segment)
+            return run(*args)
+        g = self._graphs.get(mode)
+        if g is None:
+            # Captured with the parked position (the last slot), so the warm-up runs write nothing visible.
+            park = torch.full_like(args[3], cache.max_len - 1)
+            heads = dict(audio_head=mode == "audio", text_head=mode == "text")
+            g = self._graphs[mode] = GraphedStep(lambda *a: run(*a, **heads), (*args[:3], park))
+        return g(*args)
 
     # ---- model calls --------------------------------------------------------------------------------------------
     def _embed_prompt(self, m: MergedPrompt) -> torch.Tensor:
@@ -147,16 +183,15 @@ class Engine:
             hist[:, :m.columns.shape[1]] = m.columns
             rows.append(_Row(r, m, r.sampling.generator(), last=int(m.input_ids[-1]), pos=len(m.input_ids),
                              history=hist, hist=m.columns.shape[1]))
-        max_len = max(len(row.merged.input_ids) + row.req.max_new_tokens for row in rows)
-        max_len = -(-max_len // 16) * 16
-        cache = StaticKVCache(self.model, len(rows), max_len)
+        cache = self._cache_for(len(rows), max(len(row.merged.input_ids) + row.req.max_new_tokens for row in rows))
+        max_len = cache.max_len
 
         # Iteration 0 of every row: its prefill (alone, batch 1) and its first selection.
         for b, row in enumerate(rows):
             hidden = prefill(self.model, cache, b, self._embed_prompt(row.merged), row.merged.discrete[None].to(self.device))
             kind = self._kind(row)
             logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
-            info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1]} if trace else None
+            info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1].float().cpu()} if trace else None
             self._advance(b, row, kind, None, logits, info, trace)
         if on_step is not None:
             on_step(sum(not r.done for r in rows))
@@ -178,16 +213,15 @@ class Engine:
                     cols[b] = row.feed_col
                 elif kind is not None:
                     tokens[b] = row.last
-            dev = self.device
-            d_pos, d_audio = pos.to(dev), is_audio.to(dev)
-            x = self._embed_step(tokens.to(dev), cols.to(dev), d_audio, mode)
-            h = decode_one_token(self.model, cache, x, d_pos, d_audio, mode)
-            audio_logits = self.model.audio_logits(h).cpu() if AUDIO in kinds else None
-            text_logits = self._text_logits(h).cpu() if TEXT in kinds else None
+            h, audio_logits, text_logits = self._step(cache, tokens, cols, is_audio, pos, mode, AUDIO in kinds,
+                                                      TEXT in kinds)
+            # Selection runs on CPU with each row's own generator (upstream's draws, any device).
+            audio_logits = audio_logits.float().cpu() if AUDIO in kinds else None
+            text_logits = text_logits.float().cpu() if TEXT in kinds else None
             for b, (row, kind) in enumerate(zip(rows, kinds)):
                 if kind is None:
                     continue
-                info = {"past_seen": row.pos, "hidden": h[b], "fed": ("audio", cols[b].clone()) if kind == AUDIO
+                info = {"past_seen": row.pos, "hidden": h[b].float().cpu(), "fed": ("audio", cols[b].clone()) if kind == AUDIO
                         else ("text", int(tokens[b]))} if trace else None
                 row.pos += 1
                 self._advance(b, row, kind, audio_logits[b] if kind == AUDIO else None,
