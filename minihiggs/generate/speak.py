@@ -18,9 +18,11 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..constants import DEFAULT_CODEC_REPO
+from ..audio.io import load_audio
+from ..constants import CODEC_SAMPLE_RATE, DEFAULT_CODEC_REPO
 from ..errors import AudioError, GenerateError
 from ..text.chatml import DEFAULT_SCENE
 from .engine import Engine, Request
@@ -167,12 +169,13 @@ class References:
             if item.ref_codes:
                 codes = load_codes(item.ref_codes, cfg.audio_num_codebooks, cfg.audio_codebook_size)
             else:
-                codec = self.encoder()
+                # Read first: a missing or corrupt file is reported before the (large) encoder is loaded.
+                wave = load_audio(item.ref_audio, CODEC_SAMPLE_RATE)
+                if wave.size == 0 or not np.isfinite(wave).all() or float(np.abs(wave).max()) == 0.0:
+                    raise AudioError(f"{item.ref_audio}: the reference audio is empty, silent or not finite")
                 try:
-                    codes = codec.encode_file(item.ref_audio)
-                except AudioError:
-                    raise
-                except ValueError as e:  # too short, non-finite samples
+                    codes = self.encoder().encode(wave)
+                except ValueError as e:  # too short to give a code frame
                     raise GenerateError(f"{item.ref_audio}: cannot encode the reference audio ({e})") from None
         if (self.tok.encode(text) if isinstance(text, str) else text) == []:
             raise GenerateError(f"{item.where}: the reference transcript is empty")
@@ -218,7 +221,12 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
         cfg.sampling.validate()
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    items = _items(cfg)  # flags and the prompts file are checked before anything heavy is loaded
+    items = _items(cfg)  # flags, the prompts file and the reference files are checked before anything is loaded
+    for it in items:
+        if it.ref_codes and not Path(it.ref_codes).is_file():
+            raise GenerateError(f"{it.ref_codes}: reference codes file not found")
+        if it.ref_audio and not Path(it.ref_audio).is_file():
+            raise AudioError(f"{it.ref_audio}: audio file not found")
     device = default_device(cfg.device)
     dtype = default_dtype(cfg.dtype, device)
     model = load_generation_model(cfg.base_ckpt, cfg.adapter, device=device, dtype=dtype)
