@@ -141,6 +141,38 @@ def reference_from_sample(sample: Sample, tok, cfg: HiggsConfig) -> tuple[list[i
     return ids[start:end], sample.audio_codes[seg][:cfg.audio_num_codebooks].long()
 
 
+def prompt_from_sample(sample: Sample, tok, cfg: HiggsConfig,
+                       reference: tuple[str | list[int], torch.Tensor] | None = None, name: str = "") -> Prompt:
+    """The generation prompt of a prepared sample: its ids up to the last assistant turn (system turn, scene,
+    any reference turns, the text) + the serve engine's postfix, with its context audio. `reference` inserts a
+    voice reference (user transcript + assistant audio) after the system turn, as upstream's voice clone does."""
+    ids = sample.input_ids.tolist()
+    header = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    cut = next((i for i in range(len(ids) - len(header), -1, -1) if ids[i:i + len(header)] == header), None)
+    if cut is None:
+        raise GenerateError(f"sample {sample.sample_id!r} has no assistant turn")
+    body = ids[:cut]
+    if cfg.audio_in_token_id in body:
+        raise GenerateError(f"sample {sample.sample_id!r}: audio-in (<|AUDIO|>) content is not supported in "
+                            f"generation prompts")
+    codes = [c[:cfg.audio_num_codebooks].long() for c in sample.audio_codes[:body.count(cfg.audio_out_token_id)]]
+    if reference is not None:
+        eot, start = tok.encode("<|eot_id|>"), tok.encode("<|begin_of_text|>")
+        system = start + tok.encode("<|start_header_id|>system<|end_header_id|>\n\n")
+        at = len(start) if body[:len(start)] == start else 0
+        if body[:len(system)] == system:  # after the system turn's <|eot_id|>
+            at = next(i for i in range(len(system), len(body)) if body[i:i + len(eot)] == eot) + len(eot)
+        ref_text, ref_codes = reference
+        turns = [Turn("user", [ref_text]), Turn("assistant", [AudioPart(ref_codes)])]
+        ref = prompt_ids(turns, tok, force_audio=False)
+        # prompt_ids starts a conversation (<|begin_of_text|>) and ends with the assistant postfix: keep the turns
+        ref_ids = ref.ids[len(start):len(ref.ids) - len(header)]
+        n_before = body[:at].count(cfg.audio_out_token_id)
+        body = body[:at] + ref_ids + body[at:]
+        codes = codes[:n_before] + ref.context_codes + codes[n_before:]
+    return Prompt(body + header + tok.encode("<|audio_out_bos|>"), codes, True, name or sample.sample_id)
+
+
 # ---- merging ----------------------------------------------------------------------------------------------------
 @dataclass
 class MergedPrompt:

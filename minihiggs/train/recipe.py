@@ -35,6 +35,7 @@ from .data import check_dataset, train_loader, validation_set
 from .distributed import DistEnv, all_reduce_sum, wrap_model
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
+from .samples import TrainingSamples
 from .state import TrainState
 from .step import evaluate, loss_fields, train_step
 
@@ -94,6 +95,7 @@ class LoRARecipe:
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
+        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say)
 
     def setup_model(self) -> None:
         """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
@@ -179,6 +181,7 @@ class LoRARecipe:
                       "audio_targets": rep["audio_targets"], "best": improved})
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
+        self.samples.maybe_write(self.train_model, s.step, validated=True)
         return rep
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
@@ -198,6 +201,8 @@ class LoRARecipe:
         self.announce()
         if self.saved is None and self.val_set and cfg.val_steps:
             self.validate()  # the untrained baseline (LoRA B = 0: exactly the base model)
+        if self.saved is None:
+            self.samples.maybe_write(self.train_model, 0)
         stop = StopRequest()
         stop.install()
         from tqdm import tqdm
@@ -261,6 +266,7 @@ class LoRARecipe:
                                           "best_val": s.best_val})
                             self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
                                      f"(best {s.best_val:.4f} at step {s.best_step})")
+                    self.samples.maybe_write(self.train_model, s.step)
                     if cfg.save_steps and s.step % cfg.save_steps == 0:
                         if nonfinite_run == 0:
                             self.save("save_steps")
@@ -324,6 +330,7 @@ class LoRARecipe:
             return 0
         if self.val_set and self.last_val != s.step:
             self.validate()
+        self.samples.maybe_write(self.train_model, s.step, final=True)
         if self.last_saved != s.step:
             self.save("end")
         ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "final" if env.is_main else None, env, self.base)
