@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # make speak [TEXT="..."] [SPEAKER=ava] [ADAPTER=runs/me/best] [CODEC=bosonai/higgs-audio-v2-tokenizer]
-#            [REF="--ref_audio ref.wav --ref_text '...'"] [ARGS="--temperature 0.7 --seed 1"] [OUT=out.wav]
+#            [REF="--ref_audio ref.wav --ref_text ..."] [GEN_ARGS="--temperature 0.7 --seed 1"] [WAV=out.wav]
 # The defaults speak with `make demo`'s adapter, its random decode-only codec and a reference utterance of SPEAKER
 # from its shards (greedy: the demo's motifs repeat every 6 frames and RAS would break them up).
 TEXT    ?= The quick brown fox jumps over the lazy dog.
@@ -30,11 +30,11 @@ SPEAKER ?= ava
 ADAPTER ?= demo_out/run/final
 CODEC   ?= demo_out/codec
 REF     ?= --ref_sample $(SPEAKER)_000 --shards demo_out/shards
-ARGS    ?= --temperature 0 --ras_win 0 --max_new_frames 150
-OUT     ?= demo_out/speak_$(SPEAKER).wav
+GEN_ARGS ?= --temperature 0 --ras_win 0 --max_new_frames 150
+WAV     ?= demo_out/speak_$(SPEAKER).wav
 speak: $(STAMP)
 	$(PY) -m minihiggs.generate --adapter $(ADAPTER) --codec $(CODEC) --text "$(TEXT)" \
-	    --scene "Audio is recorded from a quiet room. Speaker: $(SPEAKER)." $(REF) --out $(OUT) $(ARGS)
+	    --scene "Audio is recorded from a quiet room. Speaker: $(SPEAKER)." $(REF) --out $(WAV) $(GEN_ARGS)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache
