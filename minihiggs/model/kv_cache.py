@@ -133,17 +133,33 @@ def prefill(model: HiggsAudioModel, cache: StaticKVCache, row: int, x: torch.Ten
 
 
 # ---- one token per row ------------------------------------------------------------------------------------------
+# The decode step is a few hundred tiny ops per token, so per-op host overhead matters (on CPU it is ~15% of a step
+# of the `small` shape): plain Linears are called through F.linear (no module dispatch; a LoRA-wrapped one keeps
+# its own forward), and with one position per row [B, 1, heads*d] views straight into [B, heads, 1, d] (no
+# transposes). The arithmetic is the same ops in the same order, so results are bit-identical.
+def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, mod.weight) if type(mod) is nn.Linear else mod(x)
+
+
+def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    return _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+
+
 def _step_attention(attn: Attention, x, rope, mask, cache: StaticKVCache, layer: int, pos) -> torch.Tensor:
     """x [B, 1, H]: write each row's key/value at its slot pos[b], attend over the visible slots."""
     b = x.shape[0]
-    q, k, v = _qkv(attn, x, rope)
+    cos, sin = rope
+    q = _linear(attn.q_proj, x).view(b, attn.n_heads, 1, attn.head_dim)
+    k = _linear(attn.k_proj, x).view(b, attn.n_kv, 1, attn.head_dim)
+    v = _linear(attn.v_proj, x).view(b, attn.n_kv, 1, attn.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     ck, cv = cache.kv(layer)
     ck[cache.rows, :, pos] = k[:, :, 0]
     cv[cache.rows, :, pos] = v[:, :, 0]
     # GQA without copying the cache: the `rep` query heads sharing one kv head become `rep` query rows of it.
     rep = attn.n_heads // attn.n_kv
-    out = F.scaled_dot_product_attention(q.reshape(b, attn.n_kv, rep, attn.head_dim), ck, cv, attn_mask=mask)
-    return attn.o_proj(out.reshape(b, 1, attn.n_heads * attn.head_dim))
+    out = F.scaled_dot_product_attention(q.view(b, attn.n_kv, rep, attn.head_dim), ck, cv, attn_mask=mask)
+    return _linear(attn.o_proj, out.reshape(b, 1, attn.n_heads * attn.head_dim))
 
 
 def _step_layer(layer: DecoderLayer, x, rope, masks, is_audio, cache, i, pos, mode: str) -> torch.Tensor:
@@ -151,24 +167,24 @@ def _step_layer(layer: DecoderLayer, x, rope, masks, is_audio, cache, i, pos, mo
     if layer.kind == "dual":
         if mode == "audio":
             x = x + _step_attention(layer.self_attn, layer.audio_input_layernorm(x), rope, mask, cache, i, pos)
-            return x + layer.audio_mlp(layer.audio_post_attention_layernorm(x))
+            return x + _mlp(layer.audio_mlp, layer.audio_post_attention_layernorm(x))
         if mode == "text":
             x = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, mask, cache, i, pos)
-            return x + layer.mlp(layer.post_attention_layernorm(x))
+            return x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
         a = is_audio[:, None, None]
         h = torch.where(a, layer.audio_input_layernorm(x), layer.input_layernorm(x))
         x = x + _step_attention(layer.self_attn, h, rope, mask, cache, i, pos)
-        return x + torch.where(a, layer.audio_mlp(layer.audio_post_attention_layernorm(x)),
-                               layer.mlp(layer.post_attention_layernorm(x)))
+        return x + torch.where(a, _mlp(layer.audio_mlp, layer.audio_post_attention_layernorm(x)),
+                               _mlp(layer.mlp, layer.post_attention_layernorm(x)))
     if layer.kind == "fast_forward":
         if mode == "audio":
             return x  # every row feeds audio: the layer is skipped and its cache slot left unwritten
         h = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, ff_mask, cache, i, pos)
-        out = h + layer.mlp(layer.post_attention_layernorm(h))
+        out = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
         # (an audio row's key written here is never visible: its slot is flagged audio)
         return out if mode == "text" else torch.where(is_audio[:, None, None], x, out)
     x = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, mask, cache, i, pos)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    return x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
 
 
 @torch.no_grad()
