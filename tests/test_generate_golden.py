@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generate_helpers import (Recorder, case_request, generate_variants, read_cases, sampling_of, teacher_forced)
+from generate_helpers import Recorder, case_request, generate_variants, read_cases, teacher_forced
 from golden import GENERATE_ROOT, model_dir
 from helpers import LLAMA_DIR
 from minihiggs import load_model
@@ -190,7 +190,7 @@ def test_batch_of_all_cases_equals_each_alone(variant, models, tok):
     rec = Recorder()
     # fresh requests: a SamplingConfig's generator is created per generate call
     gens = Engine(models(variant)).generate([a[2] for a in alone], trace=rec)
-    for b, ((case, t, req, ref, ref_rec), gen) in enumerate(zip(alone, gens)):
+    for b, ((case, _, _, ref, ref_rec), gen) in enumerate(zip(alone, gens)):
         assert gen.text_tokens == ref.text_tokens, case["name"]
         assert len(gen.audio) == len(ref.audio) and all(torch.equal(x, y) for x, y in zip(gen.audio, ref.audio))
         assert [r["past_seen"] for r in rec.rows[b]] == [r["past_seen"] for r in ref_rec]

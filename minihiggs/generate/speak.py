@@ -108,7 +108,7 @@ def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> l
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise GenerateError(f"{where}: 'seed' must be an integer")
 
-        def rel(key: str) -> str | None:
+        def rel(key: str, obj: dict = obj) -> str | None:
             v = obj.get(key)
             return None if v in (None, "") else str(base / os.path.expanduser(str(v)))
 
@@ -133,6 +133,10 @@ class References:
         if self._encoder is None:
             self._encoder = load_codec(self.codec_name, self.device, encode=True)
         return self._encoder
+
+    def decoder(self):
+        """The audio tokenizer for decoding: the full one if references needed it, else a decode-only load."""
+        return self._encoder if self._encoder is not None else load_codec(self.codec_name, self.device)
 
     def sample(self, sample_id: str, where: str):
         from ..data.dataset import ShardDataset
@@ -237,7 +241,7 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
         prompt: Prompt = tts_prompt(tok, it.text, scene=it.scene, reference=refs.resolve(it), name=it.where)
         sampling = cfg.sampling if it.seed is None else replace(cfg.sampling, seed=it.seed)
         requests.append(Request(prompt, sampling, cfg.max_new_frames))
-    codec = refs._encoder or load_codec(cfg.codec, device)
+    codec = refs.decoder()
     engine = Engine(model, stop_tokens=stop_token_ids(tok))
     out: list[dict] = []
     from tqdm import tqdm

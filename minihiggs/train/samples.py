@@ -29,7 +29,7 @@ from ..data.dataset import ShardDataset
 from ..errors import UserError
 from ..fsio import atomic_dir, atomic_write_bytes
 from ..generate.engine import Engine, Request
-from ..generate.loading import STOP_TOKEN_NAMES, load_codec
+from ..generate.loading import STOP_TOKEN_NAMES
 from ..generate.output import npy_bytes, write_generation
 from ..generate.prompt import Prompt, prompt_from_sample, reference_from_sample, tts_prompt
 from ..generate.sampling import SamplingConfig
@@ -113,7 +113,7 @@ class TrainingSamples:
         else:
             self._prompts = self._default_prompts(cfg)
         try:
-            self._codec = refs._encoder or load_codec(codec, self.env.device)
+            self._codec = refs.decoder()
         except UserError as e:
             self._codec = None
             self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only")
