@@ -46,11 +46,11 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> HiggsAu
         model = HiggsAudioModel(cfg)
     model.reset_buffers()
     model = model.to(dtype).eval().requires_grad_(False)
-    eos = cfg.audio_stream_eos_id
+    eos = torch.tensor([cfg.audio_stream_eos_id], device=device)  # (made here: no host copy inside a CUDA graph)
     head = model.audio_logits
 
     def no_eos(rows: torch.Tensor) -> torch.Tensor:  # every row decodes exactly --frames columns
-        return head(rows).index_fill_(-1, torch.tensor([eos], device=rows.device), -float("inf"))
+        return head(rows).index_fill_(-1, eos, -float("inf"))
 
     model.audio_logits = no_eos
     return model
