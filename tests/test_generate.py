@@ -279,3 +279,29 @@ def test_decode_only_codec_refuses_to_encode_and_is_strict(codec, tmp_path):
     (tmp_path / "c" / "config.json").write_text((codec / "config.json").read_text())
     with pytest.raises(CheckpointError, match="fc_post2.bias"):
         AudioTokenizer.from_pretrained(tmp_path / "c", decode_only=True)
+
+
+def test_reference_wav_is_encoded_with_the_full_codec(base, tok, tmp_path, capsys):
+    """--ref_audio: the WAV is read, resampled to 24 kHz and encoded with --codec (the golden real-architecture
+    tokenizer here); the result equals giving its codes with --ref_codes."""
+    from golden import CODEC_ROOT, materialized, variants
+
+    from minihiggs.audio.io import load_audio
+    from minihiggs.codec import AudioTokenizer
+
+    variant = variants(CODEC_ROOT)[0]
+    d = tmp_path / "codec"
+    d.mkdir()
+    os.symlink(variant / "config.json", d / "config.json")
+    os.symlink(materialized(variant), d / "model.safetensors")
+    t = np.arange(16000) / 16000.0  # 1 s at 16 kHz (resampled like prep does)
+    sf.write(tmp_path / "ref.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    codes = AudioTokenizer.from_pretrained(d).encode(load_audio(tmp_path / "ref.wav", 24000))
+    np.save(tmp_path / "ref.npy", codes.numpy())
+    common = ["--base_ckpt", str(base), "--codec", str(d), "--text", "Cloned.", "--ref_text", "A tone.",
+              "--temperature", "0", "--max_new_frames", "16"]
+    c1, _, e1 = run_cli([*common, "--ref_audio", str(tmp_path / "ref.wav"), "--out", str(tmp_path / "a.wav")], capsys)
+    c2, _, e2 = run_cli([*common, "--ref_codes", str(tmp_path / "ref.npy"), "--out", str(tmp_path / "b.wav")], capsys)
+    assert c1 == c2 == 0, (e1, e2)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert codes.shape == (8, 25)
