@@ -1,6 +1,6 @@
 """Generation throughput: audio frames per second and real-time factor of `minihiggs.generate.Engine`.
 
-    python scripts/bench_generate.py                          # `small` shape on CPU, batch 1 and 8 (`make bench-generate`)
+    python scripts/bench_generate.py              # `small` shape on CPU, batch 1 and 8 (`make bench-generate`)
     python scripts/bench_generate.py --shape 3b --device cuda --batch 1 8
 
 Random weights with the chosen shape (no download), a 128-token TTS prompt per row, upstream's serve-engine

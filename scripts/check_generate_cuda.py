@@ -52,7 +52,8 @@ def main() -> int:
             good = {
                 "text": a.text_tokens == t["generated_text_tokens"].tolist(),
                 "audio": len(a.audio) == len(ref_audio) and all(torch.equal(x, y) for x, y in zip(a.audio, ref_audio)),
-                "batch_eq_alone": b.text_tokens == a.text_tokens and all(torch.equal(x, y) for x, y in zip(a.audio, b.audio)),
+                "batch_eq_alone": b.text_tokens == a.text_tokens
+                and all(torch.equal(x, y) for x, y in zip(a.audio, b.audio)),
             }
             ok &= all(good.values())
             print(json.dumps({"variant": variant.name, "case": c["name"], **good}), flush=True)

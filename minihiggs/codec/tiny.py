@@ -70,7 +70,8 @@ def write_random_decoder(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         tensors[p + "inited"] = torch.ones(1)
         tensors[p + "cluster_size"] = torch.ones(cfg.bins)
         tensors[p + "embed_avg"] = tensors[p + "embed"].clone()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(REAL_CONFIG, indent=2))
     (out / "README.md").write_text("Random decode-only Higgs audio tokenizer written by minihiggs.codec.tiny "
                                    "(demo/tests: the audio is noise-like, not speech). Load with "

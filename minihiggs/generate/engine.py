@@ -188,7 +188,8 @@ class Engine:
 
         # Iteration 0 of every row: its prefill (alone, batch 1) and its first selection.
         for b, row in enumerate(rows):
-            hidden = prefill(self.model, cache, b, self._embed_prompt(row.merged), row.merged.discrete[None].to(self.device))
+            hidden = prefill(self.model, cache, b, self._embed_prompt(row.merged),
+                             row.merged.discrete[None].to(self.device))
             kind = self._kind(row)
             logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
             info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1].float().cpu()} if trace else None
@@ -221,8 +222,10 @@ class Engine:
             for b, (row, kind) in enumerate(zip(rows, kinds)):
                 if kind is None:
                     continue
-                info = {"past_seen": row.pos, "hidden": h[b].float().cpu(), "fed": ("audio", cols[b].clone()) if kind == AUDIO
-                        else ("text", int(tokens[b]))} if trace else None
+                info = None
+                if trace is not None:
+                    fed = ("audio", cols[b].clone()) if kind == AUDIO else ("text", int(tokens[b]))
+                    info = {"past_seen": row.pos, "hidden": h[b].float().cpu(), "fed": fed}
                 row.pos += 1
                 self._advance(b, row, kind, audio_logits[b] if kind == AUDIO else None,
                               text_logits[b:b + 1] if kind == TEXT else None, info, trace)

@@ -78,7 +78,8 @@ def prompt_ids(turns: list[Turn], tok, force_audio: bool = True) -> Prompt:
                 ids += [int(i) for i in part]
         nxt = turns[t + 1].role if t + 1 < len(turns) else None
         ids += tok.encode("<|eom_id|>" if turn.role == "assistant" and nxt == "assistant" else "<|eot_id|>")
-    ids += tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n" + ("<|audio_out_bos|>" if force_audio else ""))
+    postfix = "<|start_header_id|>assistant<|end_header_id|>\n\n" + ("<|audio_out_bos|>" if force_audio else "")
+    ids += tok.encode(postfix)
     return Prompt(ids, codes, force_audio)
 
 

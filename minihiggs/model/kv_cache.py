@@ -55,11 +55,6 @@ class StaticKVCache(nn.Module):
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
-    def reset(self) -> None:
-        for b in self.buffers():
-            if b.dtype != torch.long:
-                b.zero_()
-
 
 def _qkv(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
     b, n, _ = x.shape

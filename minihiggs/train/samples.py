@@ -59,7 +59,8 @@ class TrainingSamples:
         self.last_step: int | None = None
         self.enabled = self.every != 0 and (cfg.sample_prompts is not None or len(val_idx) > 0)
         # The prompts file is parsed on every rank at setup: a bad file stops the run before training starts.
-        self.items: list[Item] | None = read_prompts(cfg.sample_prompts, self.out, DEFAULT_SCENE) if cfg.sample_prompts else None
+        self.items: list[Item] | None = \
+            read_prompts(cfg.sample_prompts, self.out, DEFAULT_SCENE) if cfg.sample_prompts else None
         self._ready = False
         self._prompts: list[Prompt] = []
         self._codec = None
@@ -72,7 +73,8 @@ class TrainingSamples:
             return validated
         return step % self.every == 0 or final
 
-    def maybe_write(self, train_model: torch.nn.Module, step: int, validated: bool = False, final: bool = False) -> None:
+    def maybe_write(self, train_model: torch.nn.Module, step: int, validated: bool = False,
+                    final: bool = False) -> None:
         if not self.due(step, validated, final):
             return
         self.last_step = step
