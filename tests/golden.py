@@ -1,9 +1,10 @@
 """Locating the golden reference sets and materialising their weights into a cache outside ../shared.
 
-Sets are found through $MINIHIGGS_GOLDEN (model variants), $MINIHIGGS_GOLDEN_CODEC (tokenizer variants) and
-$MINIHIGGS_GOLDEN_WHISPER (log-mel features); defaults are the folders under ../shared/golden. The released
-checkpoints' small files (config.json, the weight index, tokenizer files; no weights) are found through
-$MINIHIGGS_REAL (default ../shared/real; `released_models`, `released_codecs`). Weights are
+Sets are found through $MINIHIGGS_GOLDEN (model variants), $MINIHIGGS_GOLDEN_CODEC (tokenizer variants),
+$MINIHIGGS_GOLDEN_WHISPER (log-mel features) and $MINIHIGGS_GOLDEN_GENERATE (generation cases); defaults are the
+folders under ../shared/golden. The released checkpoints' small files (config.json, the weight index, tokenizer
+files; no weights) are found through $MINIHIGGS_REAL (default ../shared/real; `released_models`,
+`released_codecs`). Weights are
 regenerated with the set's own materialize.py into $MINIHIGGS_CACHE (default: <repo>/.cache/golden), keyed by
 the sha256 of init.json so a changed set is never served stale weights.
 """
@@ -31,6 +32,7 @@ MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
 CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
 WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
 REAL_ROOT = golden_root("MINIHIGGS_REAL", REPO.parent / "shared" / "real")
+GENERATE_ROOT = golden_root("MINIHIGGS_GOLDEN_GENERATE", SHARED_GOLDEN / "generate")
 CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
 
 

@@ -208,14 +208,27 @@ def check_keys(ckpt_shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str
         raise CheckpointError("tokenizer checkpoint does not match the architecture; " + "; ".join(parts))
 
 
+# Checkpoint prefixes only encoding reads (acoustic encoder, HuBERT + semantic conv stack, the prior projection)
+# or nothing reads at all (the semantic reconstruction head): optional, and ignored, when loading decode-only.
+ENCODER_SIDE_PREFIXES = ("encoder.", "semantic_model.", "encoder_semantic.", "fc_prior.", "fc_post1.",
+                         "decoder_semantic.")
+
+
 def convert_checkpoint(
-    ckpt: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConfig
+    ckpt: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConfig,
+    decode_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Checkpoint tensors -> model state dict: strict key/shape check, weight norm folded, unused tensors dropped.
 
     Names and shapes are checked before any data is touched, so `ckpt` may hold meta tensors for a dry run.
+    decode_only: `model_shapes` is a decode-only model's; encoder-side tensors may be absent (and are ignored),
+    every decoder-side tensor is still checked strictly.
     """
-    check_keys({k: tuple(v.shape) for k, v in ckpt.items()}, expected_tensors(model_shapes, cfg))
+    expected = expected_tensors(model_shapes, cfg)
+    if decode_only:
+        ckpt = {k: v for k, v in ckpt.items() if not k.startswith(ENCODER_SIDE_PREFIXES)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(ENCODER_SIDE_PREFIXES)}
+    check_keys({k: tuple(v.shape) for k, v in ckpt.items()}, expected)
     for i in range(cfg.n_q):
         inited = ckpt[f"quantizer.vq.layers.{i}._codebook.inited"]
         if not inited.is_meta and not bool(inited.item()):

@@ -40,16 +40,22 @@ class AudioTokenizer(nn.Module):
     """Load with `from_pretrained`; `encode`/`encode_batch`/`encode_file` give LongTensor codes [8, frames]
     at 25 Hz, `decode`/`decode_batch` turn codes back into 24 kHz float32 waveforms (960 samples per frame)."""
 
-    def __init__(self, cfg: CodecConfig = CodecConfig()):
+    def __init__(self, cfg: CodecConfig = CodecConfig(), decode_only: bool = False):
         super().__init__()
         self.cfg = cfg
+        # decode_only: no acoustic encoder and no HuBERT semantic branch (~100M of the ~200M parameters); enough
+        # to turn generated codes into audio. `encode*` then raise.
+        self.decode_only = decode_only
         # Attribute names are the checkpoint's top-level prefixes.
-        self.encoder = Encoder(cfg.acoustic_channels, cfg.ratios, cfg.D)
+        if not decode_only:
+            self.encoder = Encoder(cfg.acoustic_channels, cfg.ratios, cfg.D)
         self.decoder_2 = Decoder(cfg.D, cfg.decoder_channels, cfg.ratios)
-        self.semantic_model = Hubert(cfg.semantic_dim)
-        self.encoder_semantic = SemanticEncoder(cfg.semantic_dim)
+        if not decode_only:
+            self.semantic_model = Hubert(cfg.semantic_dim)
+            self.encoder_semantic = SemanticEncoder(cfg.semantic_dim)
         self.quantizer = Quantizer(cfg.n_q, cfg.quantizer_dim, cfg.codebook_dim, cfg.bins)
-        self.fc_prior = nn.Linear(cfg.quantizer_dim, cfg.quantizer_dim)
+        if not decode_only:
+            self.fc_prior = nn.Linear(cfg.quantizer_dim, cfg.quantizer_dim)
         self.fc_post2 = nn.Linear(cfg.quantizer_dim, cfg.D)
 
     # --- properties --------------------------------------------------------------------------------------
@@ -76,24 +82,27 @@ class AudioTokenizer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.fc_prior.weight.device
+        return self.fc_post2.weight.device
 
     # --- loading -----------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike = DEFAULT_REPO, device: str | torch.device = "cpu") -> "AudioTokenizer":
-        """Load from a directory (config.json + model.safetensors or model.pth), a weights file, or a Hub repo id."""
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike = DEFAULT_REPO, device: str | torch.device = "cpu",
+                        decode_only: bool = False) -> "AudioTokenizer":
+        """Load from a directory (config.json + model.safetensors or model.pth), a weights file, or a Hub repo id.
+        decode_only: load only what `decode` needs (the checkpoint may then lack the encoder-side tensors)."""
         config, weights = resolve(path_or_repo_id)
-        return cls.from_files(config, weights, device)
+        return cls.from_files(config, weights, device, decode_only)
 
     @classmethod
-    def from_files(cls, config: str | os.PathLike, weights: str | os.PathLike, device: str | torch.device = "cpu") -> "AudioTokenizer":
+    def from_files(cls, config: str | os.PathLike, weights: str | os.PathLike, device: str | torch.device = "cpu",
+                   decode_only: bool = False) -> "AudioTokenizer":
         cfg = CodecConfig.from_file(config)
         # Build on the meta device: random init of 200M parameters would cost seconds, and every one is overwritten.
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, decode_only=decode_only)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state = convert_checkpoint(read_checkpoint(weights), shapes, cfg)
+        state = convert_checkpoint(read_checkpoint(weights), shapes, cfg, decode_only=decode_only)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device).eval().requires_grad_(False)
 
@@ -120,6 +129,8 @@ class AudioTokenizer(nn.Module):
         return -(-h // self.cfg.semantic_downsample)
 
     def _as_wave(self, wave: Wave, sample_rate: int | None = None) -> torch.Tensor:
+        if self.decode_only:
+            raise RuntimeError("this audio tokenizer was loaded with decode_only=True and cannot encode")
         if isinstance(wave, torch.Tensor):
             wave = wave.detach().to("cpu", torch.float32).numpy()
         wave = np.asarray(wave, dtype=np.float32)

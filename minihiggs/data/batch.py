@@ -41,6 +41,13 @@ def delay_pattern(codes: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
     return out
 
 
+def revert_delay_pattern(columns: torch.Tensor) -> torch.Tensor:
+    """Inverse of `delay_pattern`: [K, T] -> [K, T - K + 1], codebook k keeping its columns k .. T - K + k."""
+    k, t = columns.shape
+    n = max(t - k + 1, 0)
+    return torch.stack([columns[i, i:i + n] for i in range(k)]) if k else columns[:, :n]
+
+
 def segment_columns(codes: torch.Tensor, cfg: HiggsConfig, trained: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One code segment -> (input columns [K, n+2(+K-1)], label columns of the same shape)."""
     k = cfg.audio_num_codebooks

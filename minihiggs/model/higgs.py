@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 
 from ..config import HiggsConfig, TextConfig, rope_inv_freq
 from ..data.batch import Batch
-from .loss import LossSums, audio_ce_sums, text_ce_sum
+from .loss import LossSums, audio_ce_sums, audio_top1_hits, text_ce_sum
 
 
 class RMSNorm(nn.Module):
@@ -282,9 +282,9 @@ class HiggsAudioModel(nn.Module):
         text_sum, text_count = text_ce_sum(flat.index_select(0, batch.text_loss_pos), head.weight,
                                            batch.text_loss_targets, self.text_chunk_rows)
         rows = flat.index_select(0, batch.audio_out_pos.index_select(0, batch.audio_loss_rows))
-        audio_sum, audio_count = audio_ce_sums(self.audio_logits(rows), batch.audio_loss_targets,
-                                               self.config.audio_num_codebooks)
-        return LossSums(text_sum, text_count, audio_sum, audio_count)
+        logits = self.audio_logits(rows)
+        audio_sum, audio_count = audio_ce_sums(logits, batch.audio_loss_targets, self.config.audio_num_codebooks)
+        return LossSums(text_sum, text_count, audio_sum, audio_count, audio_top1_hits(logits, batch.audio_loss_targets))
 
     def forward(self, batch: Batch) -> LossSums:
         return self.loss_sums(self.forward_hidden(batch).hidden, batch)

@@ -27,6 +27,8 @@ class LossSums:
     text_count: torch.Tensor  # [] int64: number of text targets
     audio_sum: torch.Tensor  # [num_codebooks] fp32: per-codebook sums of audio cross-entropies
     audio_count: torch.Tensor  # [num_codebooks] int64: per-codebook target counts
+    # [num_codebooks] int64: targets whose logits' argmax is the target (teacher-forced top-1 hits); None if unknown
+    audio_correct: torch.Tensor | None = None
 
     def normalized(self, text_denom: torch.Tensor | float | None = None,
                    audio_denom: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,21 +47,30 @@ class LossSums:
 
     def detach(self) -> "LossSums":
         return LossSums(self.text_sum.detach(), self.text_count.detach(), self.audio_sum.detach(),
-                        self.audio_count.detach())
+                        self.audio_count.detach(), None if self.audio_correct is None else self.audio_correct.detach())
 
     def __add__(self, other: "LossSums") -> "LossSums":
+        correct = None if self.audio_correct is None or other.audio_correct is None else \
+            self.audio_correct + other.audio_correct
         return LossSums(self.text_sum + other.text_sum, self.text_count + other.text_count,
-                        self.audio_sum + other.audio_sum, self.audio_count + other.audio_count)
+                        self.audio_sum + other.audio_sum, self.audio_count + other.audio_count, correct)
 
     def as_vector(self) -> torch.Tensor:
-        """Flatten to one fp64 vector (for one all_reduce); inverse: `LossSums.from_vector`."""
-        return torch.cat([self.text_sum.double().reshape(1), self.text_count.double().reshape(1),
-                          self.audio_sum.double(), self.audio_count.double()])
+        """Flatten to one fp64 vector (for one all_reduce): [text_sum, text_count, audio_sum (K), audio_count (K)]
+        then audio_correct (K) when known, so the first 2 + 2K entries never move. Inverse: `from_vector`."""
+        parts = [self.text_sum.double().reshape(1), self.text_count.double().reshape(1), self.audio_sum.double(),
+                 self.audio_count.double()]
+        if self.audio_correct is not None:
+            parts.append(self.audio_correct.double())
+        return torch.cat(parts)
 
     @staticmethod
-    def from_vector(v: torch.Tensor) -> "LossSums":
-        k = (v.numel() - 2) // 2
-        return LossSums(v[0].float(), v[1].round().long(), v[2:2 + k].float(), v[2 + k:].round().long())
+    def from_vector(v: torch.Tensor, num_codebooks: int | None = None) -> "LossSums":
+        """Inverse of `as_vector`. Without `num_codebooks` the vector is read as 2 + 2K (no hit counts)."""
+        k = (v.numel() - 2) // 2 if num_codebooks is None else num_codebooks
+        correct = v[2 + 2 * k:2 + 3 * k].round().long() if v.numel() >= 2 + 3 * k else None
+        return LossSums(v[0].float(), v[1].round().long(), v[2:2 + k].float(), v[2 + k:2 + 2 * k].round().long(),
+                        correct)
 
     def report(self) -> dict:
         """Means as Python floats: total, text_loss, audio_loss, audio_loss_per_codebook, and the counts."""
@@ -67,9 +78,14 @@ class LossSums:
         text = float(self.text_sum) / tc if tc else 0.0
         per_cb = [float(s) / int(c) if int(c) else 0.0 for s, c in zip(self.audio_sum, self.audio_count)]
         audio = sum(per_cb) / len(per_cb) if per_cb else 0.0
-        return {"total": text + audio, "text_loss": text, "audio_loss": audio,
-                "audio_loss_per_codebook": per_cb, "text_targets": tc,
-                "audio_targets": [int(c) for c in self.audio_count]}
+        out = {"total": text + audio, "text_loss": text, "audio_loss": audio,
+               "audio_loss_per_codebook": per_cb, "text_targets": tc,
+               "audio_targets": [int(c) for c in self.audio_count]}
+        if self.audio_correct is not None:
+            acc = [int(h) / int(c) if int(c) else 0.0 for h, c in zip(self.audio_correct, self.audio_count)]
+            out["audio_acc_per_codebook"] = acc
+            out["audio_acc"] = sum(acc) / len(acc) if acc else 0.0
+        return out
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -130,3 +146,12 @@ def audio_ce_sums(logits: torch.Tensor, targets: torch.Tensor, num_codebooks: in
         return zero.expand(num_codebooks).clone(), torch.zeros(num_codebooks, dtype=torch.long, device=logits.device)
     ce = F.cross_entropy(logits.float().permute(0, 2, 1), targets, ignore_index=IGNORE, reduction="none")  # [Q, K]
     return ce.sum(0), (targets != IGNORE).sum(0)
+
+
+@torch.no_grad()
+def audio_top1_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-codebook count of targets whose logits' argmax equals them: teacher-forced top-1 accuracy numerators
+    (denominators: the target counts). logits [Q, K, C], targets [Q, K] (-100 = no target) -> [K] int64."""
+    if targets.numel() == 0:
+        return torch.zeros(logits.shape[1] if logits.dim() == 3 else 0, dtype=torch.long, device=logits.device)
+    return ((logits.argmax(-1) == targets) & (targets != IGNORE)).sum(0)

@@ -68,6 +68,15 @@ class TrainConfig:
                            "logging, checkpoints, runtime", metavar="jsonl,tensorboard,wandb")
     activation_checkpointing: bool = _flag(False, "recompute decoder layers (and Whisper tower layers) in backward "
                                                   "(long sequences on small GPUs)", "logging, checkpoints, runtime")
+    # -- audio samples while training (minihiggs/train/samples.py)
+    sample_steps: int | None = _flag(None, "write audio samples every N steps, at step 0 and at the end (0: off; "
+                                           "default: with every validation)", "samples")
+    sample_prompts: str | None = _flag(None, "what the samples say: a JSONL in the generate command's format "
+                                             "(default: a few validation samples, each with its speaker's reference)",
+                                       "samples")
+    sample_codec: str | None = _flag(None, "audio tokenizer that decodes the samples (default: the one prep used, "
+                                           "from the shards' index)", "samples")
+    sample_max_frames: int = _flag(500, "decoding iterations per sample (25 per second of audio)", "samples")
 
     def validate(self) -> "TrainConfig":
         if self.lora_targets is not None:
@@ -77,6 +86,8 @@ class TrainConfig:
                 raise TrainConfigError(f"--{name} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainConfigError("--max_steps must be >= 1")
+        if self.sample_steps is not None and self.sample_steps < 0 or self.sample_max_frames < 1:
+            raise TrainConfigError("--sample_steps must be >= 0 and --sample_max_frames >= 1")
         if self.log_steps < 1 or self.val_steps < 0 or self.save_steps < 0 or self.keep_checkpoints < 0:
             raise TrainConfigError("--log_steps must be >= 1; --val_steps, --save_steps and --keep_checkpoints >= 0")
         if not 0.0 <= self.lr < 1e30:  # (beyond float32's range, AdamW's step size raises mid-run)

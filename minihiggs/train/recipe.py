@@ -36,6 +36,7 @@ from .guard import UpdateGuard
 from .preflight import check_output_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
+from .samples import TrainingSamples
 from .state import TrainState
 from .step import evaluate, loss_fields, train_step
 
@@ -97,6 +98,7 @@ class LoRARecipe:
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
+        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say)
 
     def setup_model(self) -> None:
         """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
@@ -196,6 +198,7 @@ class LoRARecipe:
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
         self.render_plot()  # redrawn at every validation: a running job can be looked at
+        self.samples.maybe_write(self.train_model, s.step, validated=True)
         return rep
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
@@ -221,6 +224,8 @@ class LoRARecipe:
         if self.saved is None and self.val_set and cfg.val_steps:
             if self.validate() is None:  # the untrained baseline (LoRA B = 0: exactly the base model)
                 stop_reason = "signal"
+        if self.saved is None and stop_reason is None:
+            self.samples.maybe_write(self.train_model, 0)
         from tqdm import tqdm
 
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
@@ -284,6 +289,7 @@ class LoRARecipe:
                                           "best_val": s.best_val})
                             self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
                                      f"(best {s.best_val:.4f} at step {s.best_step})")
+                    self.samples.maybe_write(self.train_model, s.step)
                     if cfg.save_steps and s.step % cfg.save_steps == 0:
                         if nonfinite_run == 0:
                             self.save("save_steps")
@@ -362,6 +368,7 @@ class LoRARecipe:
             stop_reason = "signal"  # interrupted final validation: the resumed run redoes it, then writes final/
         if stop_reason == "signal":
             return self.finish_stopped(signal_name)
+        self.samples.maybe_write(self.train_model, s.step, final=True)
         if self.last_saved != s.step:
             self.save("end")
         ckpt_io.save_adapter_all_ranks(

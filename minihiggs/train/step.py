@@ -74,10 +74,14 @@ def evaluate(train_model: torch.nn.Module, batches: list[tuple[Batch, bool]], de
     finally:
         model.train(was_training)
     assert total is not None
-    return LossSums.from_vector(all_reduce_sum(total)).report()
+    return LossSums.from_vector(all_reduce_sum(total), unwrap(train_model).config.audio_num_codebooks).report()
 
 
 def loss_fields(report: dict) -> dict:
     """The loss values of a `LossSums.report()` under the names metrics.jsonl uses."""
-    return {"loss": report["total"], "text_loss": report["text_loss"], "audio_loss": report["audio_loss"],
-            "audio_loss_per_codebook": report["audio_loss_per_codebook"]}
+    out = {"loss": report["total"], "text_loss": report["text_loss"], "audio_loss": report["audio_loss"],
+           "audio_loss_per_codebook": report["audio_loss_per_codebook"]}
+    if "audio_acc" in report:  # teacher-forced top-1 accuracy per codebook (validation)
+        out["audio_acc"] = report["audio_acc"]
+        out["audio_acc_per_codebook"] = report["audio_acc_per_codebook"]
+    return out

@@ -1,0 +1,175 @@
+"""Hearing progress while training: audio samples generated from the current weights at chosen steps.
+
+    train.py ... --sample_steps N          # every N optimizer steps, step 0 and the last step (0: off);
+                                           # default: with every validation
+    train.py ... --sample_prompts p.jsonl  # what to say (the generate command's JSONL format); default: a few
+                                           # validation samples (one per speaker first), each with its own
+                                           # speaker's reference when it has none
+
+Rank 0 writes `output_dir/samples/step-N/<name>.wav` + `<name>.npy` (the directory appears complete, by one
+rename) and a metrics.jsonl record `{"event": "samples", "step": N, "dir": ..., "files": [...]}`. The other ranks
+do not wait for it at any barrier: they go on to the next step and meet rank 0 at its first collective.
+
+The training streams are untouched: decoding uses its own seeded `torch.Generator`, the model runs in eval
+mode (no dropout draws) and every RNG state (python, numpy, torch, CUDA) is saved before and restored after,
+so a run with samples and a resumed run stay bitwise identical to one without.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..constants import DEFAULT_CODEC_REPO
+from ..text.chatml import DEFAULT_SCENE
+from ..data.dataset import ShardDataset
+from ..errors import UserError
+from ..fsio import atomic_dir, atomic_write_bytes
+from ..generate.engine import Engine, Request
+from ..generate.loading import STOP_TOKEN_NAMES
+from ..generate.output import npy_bytes, write_generation
+from ..generate.prompt import Prompt, prompt_from_sample, reference_from_sample, tts_prompt
+from ..generate.sampling import SamplingConfig
+from ..generate.speak import Item, References, read_prompts
+from ..model.checkpoint import resolve_checkpoint
+from ..text.tokenizer import TextTokenizer
+from ..wrappers import unwrap
+from .checkpointing import rng_state, set_rng_state
+from .distributed import DistEnv, is_fsdp
+
+DEFAULT_COUNT = 4  # validation samples used when no --sample_prompts is given
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sample"
+
+
+class TrainingSamples:
+    """Decides when samples are due and writes them (rank 0). Build on every rank; call `maybe_write` on every
+    rank at the same points (the decision is the same everywhere; only rank 0 works)."""
+
+    def __init__(self, cfg, ds: ShardDataset, train_idx: list[int], val_idx: list[int], env: DistEnv, log, say):
+        self.cfg, self.ds, self.train_idx, self.val_idx, self.env = cfg, ds, train_idx, val_idx, env
+        self.log, self.say = log, say
+        self.every = cfg.sample_steps  # None: with every validation; 0: off
+        self.out = Path(cfg.output_dir) / "samples"
+        self.last_step: int | None = None
+        self.enabled = self.every != 0 and (cfg.sample_prompts is not None or len(val_idx) > 0)
+        # The prompts file is parsed on every rank at setup: a bad file stops the run before training starts.
+        self.items: list[Item] | None = \
+            read_prompts(cfg.sample_prompts, self.out, DEFAULT_SCENE) if cfg.sample_prompts else None
+        self._ready = False
+        self._prompts: list[Prompt] = []
+        self._codec = None
+
+    # ---- when ---------------------------------------------------------------------------------------------------
+    def due(self, step: int, validated: bool = False, final: bool = False) -> bool:
+        if not self.enabled or step == self.last_step:
+            return False
+        if self.every is None:
+            return validated
+        return step % self.every == 0 or final
+
+    def maybe_write(self, train_model: torch.nn.Module, step: int, validated: bool = False,
+                    final: bool = False) -> None:
+        if not self.due(step, validated, final):
+            return
+        self.last_step = step
+        if not self.env.is_main:
+            return
+        if is_fsdp(train_model):
+            self._disable("samples need the whole model on rank 0; not available with --fsdp")
+            return
+        states = rng_state(self.env.device)
+        model = unwrap(train_model)
+        was_training = model.training
+        try:
+            self._write(model, step)
+        except Exception as e:  # a bad reference, a missing tokenizer, OOM: say so, never fail the run for samples
+            self._disable(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
+        finally:
+            model.train(was_training)
+            set_rng_state(states, self.env.device)
+
+    def _disable(self, why: str) -> None:
+        self.enabled = False
+        self.log.log({"event": "samples_off", "reason": why})
+        self.say(f"samples: off ({why})")
+
+    # ---- what ---------------------------------------------------------------------------------------------------
+    def _setup(self, model) -> None:
+        cfg = model.config
+        ckpt = resolve_checkpoint(self.cfg.base_ckpt)
+        if not (ckpt / "tokenizer.json").is_file():
+            raise UserError(f"{ckpt}: no tokenizer.json (samples need the text tokenizer)")
+        self.tok = TextTokenizer.from_dir(ckpt)
+        self.stop = tuple(self.tok.token_id(n) for n in STOP_TOKEN_NAMES)
+        codec = self.cfg.sample_codec or self.ds.index.get("codec") or DEFAULT_CODEC_REPO
+        refs = References(self.tok, cfg, str(codec), self.env.device, str(self.ds.path))
+        if self.items is not None:
+            self._prompts = [tts_prompt(self.tok, it.text, scene=it.scene, reference=refs.resolve(it), name=it.name)
+                             for it in self.items]
+        else:
+            self._prompts = self._default_prompts(cfg)
+        try:
+            self._codec = refs.decoder()
+        except UserError as e:
+            self._codec = None
+            self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only")
+        self._ready = True
+
+    def _default_prompts(self, cfg) -> list[Prompt]:
+        """Up to DEFAULT_COUNT validation samples, one per speaker first; a sample without a reference of its own
+        gets another utterance of its speaker (from the training split when there is one) as the reference."""
+        ds = self.ds
+        by_speaker: dict = {}
+        for i in self.val_idx:
+            by_speaker.setdefault(ds.speakers[i], []).append(i)
+        order = [lst[0] for _, lst in sorted(by_speaker.items(), key=lambda kv: str(kv[0]))]
+        rest = [i for i in self.val_idx if i not in order]
+        prompts = []
+        for i in (order + rest):
+            if len(prompts) == DEFAULT_COUNT:
+                break
+            s = ds[i]
+            if cfg.audio_in_token_id in s.input_ids.tolist():
+                continue  # (generation prompts carry no audio-in)
+            own_ref = s.input_ids.tolist().count(cfg.audio_out_token_id) > 1
+            ref = None
+            spk = ds.speakers[i]
+            if not own_ref and spk is not None:
+                pool = [j for j in self.train_idx if ds.speakers[j] == spk] or \
+                    [j for j in range(len(ds)) if ds.speakers[j] == spk and j != i]
+                if pool:
+                    ref = reference_from_sample(ds[pool[0]], self.tok, cfg)
+            prompts.append(prompt_from_sample(s, self.tok, cfg, reference=ref, name=_safe(ds.sample_ids[i])))
+        return prompts
+
+    @torch.no_grad()
+    def _write(self, model, step: int) -> None:
+        t0 = time.perf_counter()
+        if not self._ready:
+            self._setup(model)
+        seed = self.cfg.seed
+        sampling = SamplingConfig(temperature=0.7, top_p=0.95, ras_win_len=7, ras_win_max_num_repeat=2, seed=seed)
+        reqs = [Request(p, sampling, self.cfg.sample_max_frames) for p in self._prompts]
+        gens = Engine(model, stop_tokens=self.stop, cuda_graphs=False).generate(reqs)
+        final = self.out / f"step-{step:08d}"
+        files = []
+        with atomic_dir(final, replace=True) as tmp:
+            for p, gen in zip(self._prompts, gens):
+                gen.name = p.name
+                if self._codec is not None:
+                    info = write_generation(gen, self._codec, tmp / f"{p.name}.wav")
+                else:
+                    atomic_write_bytes(tmp / f"{p.name}.npy", npy_bytes(gen.codes().numpy()))
+                    info = {"frames": gen.frames}
+                files.append({"name": p.name, "frames": info["frames"], "stop": gen.stop_reason})
+        seconds = round(time.perf_counter() - t0, 2)
+        self.log.log({"event": "samples", "step": step, "dir": str(final), "files": files, "seconds": seconds,
+                      "audio": self._codec is not None})
+        self.say(f"step {step}: {len(files)} samples -> {final} ({seconds:.1f} s)")
+
