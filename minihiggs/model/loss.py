@@ -116,7 +116,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def text_ce_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused text head + cross-entropy over the rows that have a text target. Returns (sum, count)."""
-    count = torch.tensor(targets.numel(), dtype=torch.long, device=rows.device)
+    count = torch.full((), targets.numel(), dtype=torch.long, device=rows.device)  # a fill, not a host copy
     if targets.numel() == 0:
         # keep the graph connected (DDP/FSDP expect every forward to touch the same parameters)
         return (rows.sum() * 0.0).float() + (weight[:1].sum() * 0.0).float(), count
