@@ -11,7 +11,9 @@ working. The adapter lives in two bias-free sub-linears, exactly as PEFT lays it
 
     y = x @ W.T + b + scaling * ((dropout(x) @ A.T) @ B.T),   scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
-which is PEFT's `result + lora_B(lora_A(dropout(x))) * scaling` op for op, so fp32 results are bitwise PEFT's.
+which is PEFT's `result + lora_B(lora_A(dropout(x))) * scaling` op for op, so fp32 results are bitwise PEFT's on
+the same base product. The base product is the wrapped layer's own: `F.linear` for a plain `nn.Linear`, the model's
+`Linear` (oneDNN for frozen fp32 weights on CPU, model/linear.py) for the Higgs model's layers.
 The PEFT file key of a parameter is `base_model.model.<path>.lora_A.weight` (see `lora_state_dict`).
 
 dtypes. A/B are stored in `lora_dtype` (default float32) whatever the base dtype: with a bf16 base on GPU the
@@ -54,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..model.linear import Linear, linear
 from ..wrappers import full_tensor, is_dtensor, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -89,6 +92,7 @@ class LoRALinear(nn.Linear):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.base_class = type(base)  # a merge gives this class back
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -125,7 +129,8 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        product = linear if issubclass(self.base_class, Linear) else F.linear
+        result = product(x, self.weight, self.bias)
         if not self.enabled or self.merged:
             return result
         a = self.lora_A.weight
@@ -141,7 +146,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """Fold the update into the base weight in fp32 (`W + scaling * B @ A`, cast back to W's dtype) and
-        return a plain `nn.Linear` sharing the merged weight/bias. This module is then marked merged (its own
+        return a plain linear of the wrapped layer's class sharing the merged weight/bias. This module is then marked merged (its own
         forward stops adding the update) and should be discarded."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
@@ -150,7 +155,7 @@ class LoRALinear(nn.Linear):
             raise RuntimeError("merge a LoRA model after gathering it; sharded (DTensor) weights are not supported")
         w.data.copy_((w.data.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
-        lin = nn.Linear.__new__(nn.Linear)
+        lin = self.base_class.__new__(self.base_class)
         nn.Module.__init__(lin)
         lin.in_features, lin.out_features = self.in_features, self.out_features
         lin.weight = self.weight
@@ -417,7 +422,7 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (fp32 math, original dtype kept) and replace each
-    `LoRALinear` by a plain `nn.Linear`, in place; returns the (unwrapped) model. Parameters keep their
+    `LoRALinear` by a plain linear of the class it wrapped, in place; returns the (unwrapped) model. Parameters keep their
     requires_grad (frozen after apply_lora). The `enabled` switch is ignored: every update is merged."""
     model = unwrap(model)
     for path, m in lora_modules(model).items():
