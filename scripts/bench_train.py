@@ -112,13 +112,24 @@ def varlen_samples(cfg: HiggsConfig, n: int, seed: int) -> list[Sample]:
     return out
 
 
-def build_model(preset: dict, dev: torch.device, dtype: torch.dtype) -> tuple[HiggsAudioModel, int]:
-    cfg = HiggsConfig.from_dict(tiny_config(**preset["model"]))
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = HiggsAudioModel(cfg)
-    model.to(dtype)
-    model.reset_buffers()
+def build_model(preset: dict, dev: torch.device, dtype: torch.dtype, ckpt: str | None = None
+                ) -> tuple[HiggsAudioModel, int]:
+    """Random weights straight in their dtype on the device (as `load_model` materialises a checkpoint: one copy):
+    N(0, 0.02), norm weights 1; or `ckpt` loaded with `load_model`."""
+    if ckpt:
+        from minihiggs import load_model
+
+        model = load_model(ckpt, dtype=dtype, device=dev)
+    else:
+        cfg = HiggsConfig.from_dict(tiny_config(**preset["model"]))
+        with torch.device("meta"):
+            model = HiggsAudioModel(cfg)
+        model = model.to(dtype).to_empty(device=dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=g)
+        model.reset_buffers()
     r, alpha = preset["lora"]
     report = apply_lora(model, r=r, alpha=alpha, dropout=0.0, targets=LORA_TARGETS, seed=0)
     model.train()
@@ -249,7 +260,8 @@ def varlen_batches(mode: str, samples: list[Sample], cfg: HiggsConfig, args) -> 
     from minihiggs.data.dataset import TokenBatchSampler
 
     sampler = TokenBatchSampler(lengths, range(n), max_tokens=args.max_tokens, seed=args.seed)
-    return [collate_rows([[samples[i] for i in grp]], cfg) for grp in sampler]
+    length = args.max_tokens if args.compile else None  # as train.py: one shape for compiled layers
+    return [collate_rows([[samples[i] for i in grp]], cfg, length=length) for grp in sampler]
 
 
 def bench_varlen(args, model, opt, dev) -> dict:
@@ -263,7 +275,9 @@ def bench_varlen(args, model, opt, dev) -> dict:
             out["modes"][mode] = {"error": str(e)}
             continue
         batches = [b.to(dev) for b in batches]
-        run_step(model, opt, batches[0], dev)  # warm-up (first-touch allocations, compile)
+        # warm-up: first-touch allocations; compiled layers see every shape of the pass once
+        for b in batches if args.compile else batches[:1]:
+            run_step(model, opt, b, dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -301,6 +315,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="--varlen: samples per padded batch (default: preset's)")
     ap.add_argument("--modes", nargs="+", default=["padded", "bucketed", "packed"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", default=None, help="load this checkpoint (load_model) instead of random weights")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     args.max_tokens = args.max_tokens or preset["max_tokens"]
@@ -310,15 +325,14 @@ def main() -> None:
     if dev.type == "cpu":
         torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
 
-    model, lora_params = build_model(preset, dev, dtype)
+    model, lora_params = build_model(preset, dev, dtype, args.ckpt)
     model.set_activation_checkpointing(args.checkpointing)
     if args.compile:
-        for layer in model.layers:
-            layer.compile()
+        model.compile_layers()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     head = {"preset": args.preset, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if dev.type == "cpu" else None, "lora_params": lora_params,
-            "compile": args.compile, "checkpointing": args.checkpointing}
+            "compile": args.compile, "checkpointing": args.checkpointing, **({"ckpt": args.ckpt} if args.ckpt else {})}
     body = bench_varlen(args, model, opt, dev) if args.varlen else bench_fixed(args, model, opt, dev)
     print(json.dumps({**head, **({"varlen": True} if args.varlen else {}), **body}))
 

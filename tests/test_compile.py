@@ -75,3 +75,26 @@ def test_compiled_layers_compile_once_per_shape_bucket():
             layer._compiled_call_impl = None
         eager = model.forward_hidden(b).hidden
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_flex_block_masks_do_not_recompile():
+    """The CUDA path (flex_attention, a fresh BlockMask and mask_mod closure per batch) reuses its graphs too.
+    Forward only: torch 2.13 has no flex_attention backward on CPU."""
+    torch._dynamo.reset()
+    cfg = HiggsConfig.from_dict(tiny_config(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2,
+                                            dual_layers=(0,)))
+    torch.manual_seed(0)
+    model = HiggsAudioModel(cfg)
+    model.reset_buffers()
+    model.eval()
+    model.attention_backend = "flex"
+    model.compile_layers(backend="aot_eager")
+    g, rng = torch.Generator().manual_seed(1), random.Random(1)
+    with torch.no_grad():
+        for _ in range(8):
+            b = collate_rows([varied_samples(g, rng)], cfg, length=ROW)
+            out = model.forward_hidden(b).hidden
+        assert unique_graphs() == 2, unique_graphs()
+        model.attention_backend = "dense"
+        ref = model.forward_hidden(b).hidden
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

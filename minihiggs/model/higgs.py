@@ -46,11 +46,21 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose random init is skipped on the meta device: there it is a no-op anyway (`load_model` builds
+    on meta and fills every weight from the checkpoint), but meta `normal_` would load torch._dynamo (~70 MB of RSS)
+    into every eager process."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
 
     def reset(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after meta-device construction."""
@@ -208,11 +218,11 @@ class HiggsAudioModel(nn.Module):
         super().__init__()
         self.config = cfg
         t = cfg.text
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.layer_kind(i)) for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(t)
-        self.audio_codebook_embeddings = nn.Embedding(cfg.audio_num_codebooks * cfg.codebook_stride, t.hidden_size)
+        self.audio_codebook_embeddings = Embedding(cfg.audio_num_codebooks * cfg.codebook_stride, t.hidden_size)
         self.audio_decoder_proj = AudioDecoderProjector(cfg)
         if cfg.use_audio_out_embed_projector:
             self.audio_out_embed_projector = Linear(t.hidden_size, t.hidden_size, bias=False)
@@ -221,8 +231,8 @@ class HiggsAudioModel(nn.Module):
 
             self.audio_tower = WhisperEncoder(WhisperConfig.from_dict(cfg.audio_encoder_config))
             self.audio_encoder_proj = AudioEncoderProjector(self.audio_tower.config.d_model, t.hidden_size)
-        self.register_buffer("codebook_offsets",
-                             torch.arange(cfg.audio_num_codebooks) * cfg.codebook_stride, persistent=False)
+        offsets = torch.arange(cfg.audio_num_codebooks, device="cpu") * cfg.codebook_stride  # (no meta kernels)
+        self.register_buffer("codebook_offsets", offsets.to(torch.get_default_device()), persistent=False)
         self.text_chunk_rows = 1024  # rows of the 128k-wide text head evaluated at once in the fused loss
         # Recompute each decoder layer in backward instead of storing its activations (training only): the
         # 3B model at a few thousand tokens per row otherwise needs tens of GB for activations.
