@@ -37,8 +37,16 @@ def unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def test_compiled_layers_compile_once_per_shape_bucket():
+def fresh_compiler() -> None:
+    """Forget every compiled graph and the counters (both are process-wide)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
+
+
+def test_compiled_layers_compile_once_per_shape_bucket():
+    fresh_compiler()
     # layer 0 DualFFN, layer 1 fast-forward: two layer kinds (and layer 0 is the one whose input needs no grad)
     cfg = HiggsConfig.from_dict(tiny_config(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2,
                                             dual_layers=(0,)))
@@ -80,7 +88,7 @@ def test_compiled_layers_compile_once_per_shape_bucket():
 def test_flex_block_masks_do_not_recompile():
     """The CUDA path (flex_attention, a fresh BlockMask and mask_mod closure per batch) reuses its graphs too.
     Forward only: torch 2.13 has no flex_attention backward on CPU."""
-    torch._dynamo.reset()
+    fresh_compiler()
     cfg = HiggsConfig.from_dict(tiny_config(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2,
                                             dual_layers=(0,)))
     torch.manual_seed(0)
