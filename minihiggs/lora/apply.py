@@ -13,7 +13,8 @@ working. The adapter lives in two bias-free sub-linears, exactly as PEFT lays it
 
 which is PEFT's `result + lora_B(lora_A(dropout(x))) * scaling` op for op, so fp32 results are bitwise PEFT's on
 the same base product. The base product is the wrapped layer's own: `F.linear` for a plain `nn.Linear`, the model's
-`Linear` (oneDNN for frozen fp32 weights on CPU, model/linear.py) for the Higgs model's layers.
+`Linear` (oneDNN for frozen fp32 weights on CPU, model/linear.py) for the Higgs model's layers; on that CPU path the
+whole LoRA product is one fused autograd step (lora/fused.py: same math, another summation order).
 The PEFT file key of a parameter is `base_model.model.<path>.lora_A.weight` (see `lora_state_dict`).
 
 dtypes. A/B are stored in `lora_dtype` (default float32) whatever the base dtype: with a bf16 base on GPU the
@@ -56,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.linear import Linear, linear
+from ..model.linear import Linear, linear, use_onednn
 from ..wrappers import full_tensor, is_dtensor, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -129,12 +130,17 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        product = linear if issubclass(self.base_class, Linear) else F.linear
-        result = product(x, self.weight, self.bias)
+        model_layer = issubclass(self.base_class, Linear)
         if not self.enabled or self.merged:
-            return result
+            return (linear if model_layer else F.linear)(x, self.weight, self.bias)
         a = self.lora_A.weight
         b = self.lora_B.weight
+        if model_layer and use_onednn(x, self.weight) and a.dtype == b.dtype == x.dtype and \
+                (self.bias is None or not self.bias.requires_grad):
+            from .fused import frozen_lora_linear  # the CPU fp32 form (one autograd step, in-place accumulation)
+
+            return frozen_lora_linear(x, self.lora_dropout(x), self.weight, self.bias, a, b, self.scaling)
+        result = (linear if model_layer else F.linear)(x, self.weight, self.bias)
         h = self.lora_dropout(x)
         return result + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
 
