@@ -208,10 +208,25 @@ def median_split(splits: list[dict]) -> dict:
     return {k: round(statistics.median(s[k] for s in splits), 4) for k in splits[0]}
 
 
-def peak_fields(dev: torch.device) -> dict:
+def peak_fields(dev: torch.device, since_reset: bool = False) -> dict:
+    """Peak memory: CUDA max allocated; CPU the process's peak RSS (since `reset_peak` when asked: VmHWM)."""
     if dev.type == "cuda":
         return {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+    if since_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_rss_mib": round(int(line.split()[1]) / 1024)}
     return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def reset_peak(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
 
 
 def mfu_fields(dev: torch.device, flops: float, seconds: float) -> dict:
@@ -278,8 +293,7 @@ def bench_varlen(args, model, opt, dev) -> dict:
         # warm-up: first-touch allocations; compiled layers see every shape of the pass once
         for b in batches if args.compile else batches[:1]:
             run_step(model, opt, b, dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak(dev)  # each mode's own peak (the process keeps the earlier modes' heap)
         t0 = time.perf_counter()
         splits = [run_step(model, opt, b, dev) for b in batches]
         dt = time.perf_counter() - t0
@@ -289,7 +303,7 @@ def bench_varlen(args, model, opt, dev) -> dict:
         out["modes"][mode] = {"steps": len(batches), "tokens": real, "padding_frac": round(1 - real / padded, 3),
                               "tokens_per_s": round(real / dt, 1), "step_s": round(dt / len(batches), 4),
                               "split_s": {k: round(sum(s[k] for s in splits) / len(splits), 4) for k in splits[0]},
-                              **peak_fields(dev), **mfu_fields(dev, flops, dt)}
+                              **peak_fields(dev, since_reset=True), **mfu_fields(dev, flops, dt)}
     m = out["modes"]
     if "tokens_per_s" in m.get("packed", {}) and "tokens_per_s" in m.get("padded", {}):
         out["packed_vs_padded"] = round(m["packed"]["tokens_per_s"] / m["padded"]["tokens_per_s"], 2)

@@ -1,15 +1,10 @@
-"""glibc allocator tuning for CPU processes: the audio codec (speed) and the trainer (peak memory).
+"""glibc allocator tuning for CPU processes that churn through very large tensors (the audio codec).
 
 glibc serves every allocation above 32 MB with a fresh mmap and returns it to the kernel on free, so each
 such tensor is zero-filled page by page again on first touch. The codec's 24 kHz x 64-channel activations
 are 60 MB per 10 s clip and are made and dropped dozens of times per clip: on a 2-core machine about a
 quarter of encode time went to those page faults (measured: 10 s clip 1.72 s -> 1.34 s, bit-identical codes).
 Keeping large blocks in the heap, and not trimming it eagerly, lets freed buffers be reused.
-
-A CPU training step is the other way round: its tensors are a few MB, far below glibc's dynamic mmap threshold
-once that has grown, so they come from a heap that fragments over the step and never shrinks; the process's peak
-RSS then sits well above its live memory. `return_large_allocations` fixes the threshold low, so every
-activation is its own mapping, returned to the kernel when freed (see README, Performance).
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import ctypes.util
 import functools
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from <malloc.h>
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 
@@ -37,17 +31,3 @@ def keep_large_allocations_in_heap(trim_threshold: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-
-
-@functools.cache
-def return_large_allocations(threshold: int = 256 << 10) -> bool:
-    """Serve every allocation of `threshold` bytes or more with its own mmap (a fixed threshold: glibc stops raising
-    it), so freed activations go back to the kernel at once. Process-wide and idempotent; returns False where the
-    C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
