@@ -218,3 +218,18 @@ def test_sample_over_the_budget_is_a_clear_error(shards, tiny_ckpt, tmp_path, ca
     assert train.main(packed_args(shards, tiny_ckpt, tmp_path / "run", max_tokens_per_batch=64)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max_tokens_per_batch 64" in err[0] and "line" in err[0]
+
+
+def test_lora_step_with_an_unused_dualffn_branch(lora_model):
+    """A text-only batch: the audio FFN's LoRA sees zero rows (forward and backward must still work on every path)."""
+    from synth import synth_sample
+
+    model = lora_model
+    text_only = synth_sample(torch.Generator().manual_seed(3), audio_in=None, audio_out=None, train_text_turn=True)
+    b = collate([text_only], model.config)
+    assert b.discrete_idx.numel() == 0 and b.target_counts()[0] > 0
+    model.zero_grad(set_to_none=True)
+    model(b).normalized().backward()
+    used = [n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0]
+    assert used and not any("audio_mlp" in n for n in used)
+    model.zero_grad(set_to_none=True)

@@ -39,8 +39,9 @@ def _onednn_available() -> bool:
 
 
 def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w.T with this (frozen) weight takes the oneDNN path."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+    """Whether x @ w.T with this (frozen) weight takes the oneDNN path (not for zero rows: a DualFFN branch a batch
+    does not use, whose backward would be a GEMM with an empty reduction, which oneDNN refuses)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.numel() > 0
             and not w.requires_grad and not is_dtensor(w) and not torch.compiler.is_compiling()
             and _onednn_available())
 
