@@ -52,8 +52,14 @@ clean:
 prep: $(STAMP)
 	$(PY) prep.py --manifest $(MANIFEST) --out $(OUT) $(ARGS)
 
+# One JSON line each: tiny and small (CPU, fp32), small with varied lengths (padded vs bucketed vs packed);
+# on a CUDA machine also the released 3B shape (bf16, compiled, packed 4096-token rows).
 bench: $(STAMP)
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_train.py --preset tiny
+	$(PY) scripts/bench_train.py --preset small
+	$(PY) scripts/bench_train.py --preset small --varlen
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && \
+	  $(PY) scripts/bench_train.py --preset 3b --varlen --compile --modes packed || true
 
 bench-codec: $(STAMP)
 	$(PY) scripts/bench_codec.py

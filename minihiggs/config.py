@@ -276,7 +276,8 @@ def rope_inv_freq(cfg: TextConfig):
     import torch
 
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU whatever the ambient device (a meta-device build would otherwise run these ops as meta kernels)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     rs = cfg.rope_scaling
     if not rs:
         return inv

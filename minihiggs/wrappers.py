@@ -1,18 +1,21 @@
 """What sits between a module and the code that uses it: DDP / torch.compile wrappers and FSDP2's DTensors.
 
 One definition each, used by LoRA, checkpoints and the trainer. DTensor is detected with `isinstance` (torch's
-public `torch.distributed.tensor.DTensor`); a build without distributed support simply has none.
+public `torch.distributed.tensor.DTensor`) once that module is loaded: no DTensor can exist before, and not importing
+it keeps ~40 MB of modules out of a single-process run (a build without distributed support simply has none).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = ()  # isinstance(x, ()) is always False
+
+def _dtensor_class() -> type | tuple:
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", ()) if module is not None else ()  # isinstance(x, ()) is always False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -28,14 +31,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+    dtensor = _dtensor_class()
+    return isinstance(t, dtensor) or isinstance(getattr(t, "data", None), dtensor)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered to a plain tensor (a collective: call on every rank); plain tensors pass through."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if isinstance(t, _dtensor_class()) else t
 
 
 def local_device(t: torch.Tensor) -> torch.device:
     """The device holding this rank's data (a DTensor's local shard, or the tensor itself)."""
-    return t.to_local().device if isinstance(t, DTensor) else t.device
+    return t.to_local().device if isinstance(t, _dtensor_class()) else t.device

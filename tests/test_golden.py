@@ -2,7 +2,9 @@
 
 Compared at attended positions only (the reference's padding artefacts are not reproduced; README quirk 6/7).
 Tolerances are the golden README's recommendations: hidden states / tower / logits atol 1e-5 rtol 1e-4,
-losses 1e-5.
+losses 1e-5. The forward comparisons run with every attention backend that runs on CPU (model/attention.py:
+the dense mask, per-sample calls, and flex_attention's block mask — forward only, torch has no CPU backward
+for it).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from safetensors.torch import load_file
 from golden import MODEL_ROOT, audio_in_chunks, golden_samples, model_dir, variants
 from minihiggs import collate, load_model
 
+# (eager flex_attention is the unfused reference path: right for a parity check, so its warning is expected)
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 VARIANTS = variants(MODEL_ROOT)
 ATOL, RTOL, LOSS_TOL = 1e-5, 1e-4, 1e-5
+BACKENDS = ["dense", "docs", "flex"]
 
 
 def test_golden_set_present():
@@ -155,8 +160,16 @@ def test_collate_is_pure(case):
         assert all(torch.equal(a, b) for a, b in zip(s.audio_codes, codes))
 
 
-def test_base_forward_and_losses(case):
+@pytest.fixture(params=BACKENDS)
+def backend_case(request, case):
     v, model = case
+    model.attention_backend = request.param
+    yield v, model
+    model.attention_backend = "auto"
+
+
+def test_base_forward_and_losses(backend_case):
+    v, model = backend_case
     rep, diffs = _check_outputs(v, model, golden_samples(v), "base_")
     losses = json.loads((v / "base_losses.json").read_text())
     assert abs(rep["total"] - losses["total"]) < LOSS_TOL
@@ -164,12 +177,12 @@ def test_base_forward_and_losses(case):
     assert abs(rep["audio_loss"] - losses["audio_loss"]) < LOSS_TOL
     assert rep["text_targets"] == losses["n_text_targets"]
     assert rep["audio_targets"] == losses["n_audio_targets_per_codebook"]
-    print(f"\n{v.name} base max diffs: " + ", ".join(f"{k}={d:.2e}" for k, d in diffs.items()))
+    print(f"\n{v.name} {model.attention_backend} base max diffs: " + ", ".join(f"{k}={d:.2e}" for k, d in diffs.items()))
 
 
-def test_batch_of_one(case):
+def test_batch_of_one(backend_case):
     """Sample 0 collated alone (the reference left-pads batches of one; we right-pad: same real outputs)."""
-    v, model = case
+    v, model = backend_case
     rep, diffs = _check_outputs(v, model, golden_samples(v)[:1], "b1_base_")
     losses = json.loads((v / "base_losses.json").read_text())
     assert abs(rep["total"] - losses["batch1_sample0"]["total"]) < LOSS_TOL

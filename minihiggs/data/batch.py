@@ -12,16 +12,19 @@ Semantics (reference collator + merge, real-token results identical):
   all -100 audio labels; the `<|AUDIO_OUT|>` text label is masked.
 * an `<|AUDIO|>` placeholder expands to [Whisper rows of its chunk (tower checkpoints only), then its code
   columns]; an `<|AUDIO_OUT|>` to its code columns. Audio positions carry text label -100.
-* rows are right-padded to a multiple of `round_to` (8) of the longest merged row.
+* rows are right-padded to a multiple of `round_to` (8) of the longest merged row (or to a fixed `length`).
 The input samples are never mutated (the reference collator mutates labels; see the golden README, quirk 8).
 
-Packing: a row is built from a list of samples (`_merge_row`), so several samples can share one row later by
-giving each a segment id and restarting positions; today every row holds one sample.
+Packing (`collate_rows`): a row may hold several samples back to back. Each gets its own `segment_ids` value and
+positions restarting at 0; text targets never cross from one sample into the next (nor do audio targets: column 0
+of every segment has no label), and attention stays inside each sample (model/attention.py), so every sample's
+losses and gradients are those it has alone. `collate(samples)` puts one sample in each row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 
@@ -88,6 +91,9 @@ class Batch:
     whisper_feature_mask: torch.Tensor | None = None  # [C, 3000]
     whisper_pos: torch.Tensor | None = None  # [Σ rows] flat positions of Whisper rows, chunk after chunk
     whisper_rows: torch.Tensor | None = None  # [C] rows used from each chunk
+    segment_ids: torch.Tensor | None = None  # [B, L] int64: the sample's index within its row, -1 at padding
+    # (row, start, stop) of every sample, row-major: plain ints that stay on the host (attention spans)
+    spans: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,7 +120,13 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Real (non-padding) positions, counted on the host (no device sync)."""
+        return sum(e - s for _, s, e in self.spans) if self.spans else int(self.attention_mask.sum())
+
+    @property
+    def packed(self) -> bool:
+        """Whether some row holds more than one sample."""
+        return len(self.spans) > self.input_ids.shape[0]
 
 
 def _check_sample(s: Sample, cfg: HiggsConfig) -> None:
@@ -125,8 +137,8 @@ def _check_sample(s: Sample, cfg: HiggsConfig) -> None:
                          "re-run prep.py with this checkpoint")
 
 
-def _merge_row(s: Sample, cfg: HiggsConfig) -> dict:
-    """Expand one sample's placeholders. Returns per-position lists plus the audio pieces of this row."""
+def _expand(s: Sample, cfg: HiggsConfig) -> dict:
+    """Expand one sample's placeholders. Returns per-position lists plus the audio pieces of this sample."""
     ids: list[int] = []
     labels: list[int] = []
     kind: list[int] = []  # 0 text, 1 audio-in code, 2 audio-out, 3 whisper row
@@ -173,30 +185,58 @@ def _merge_row(s: Sample, cfg: HiggsConfig) -> dict:
                 whisper=whisper_chunks)
 
 
+def _merge_row(samples: Sequence[Sample], cfg: HiggsConfig) -> dict:
+    """The samples of one row back to back: their expansions concatenated, plus each sample's length."""
+    parts = [_expand(s, cfg) for s in samples]
+    row = {key: [x for p in parts for x in p[key]] for key in parts[0]}
+    row["lengths"] = [len(p["ids"]) for p in parts]
+    return row
+
+
 def collate(samples: list[Sample], cfg: HiggsConfig, round_to: int = 8) -> Batch:
-    """Build a right-padded `Batch` from samples. Pure: the samples are not modified."""
+    """Build a right-padded `Batch`, one sample per row. Pure: the samples are not modified."""
     if not samples:
         raise ValueError("collate: empty list of samples")
-    for s in samples:
-        _check_sample(s, cfg)
-    rows = [_merge_row(s.expanded(cfg.audio_in_token_id), cfg) for s in samples]  # (upstream layout: per chunk)
+    return collate_rows([[s] for s in samples], cfg, round_to)
+
+
+def collate_rows(rows: Sequence[Sequence[Sample]], cfg: HiggsConfig, round_to: int = 8,
+                 length: int | None = None) -> Batch:
+    """Build a `Batch` whose row i holds the samples `rows[i]` back to back (packing), right-padded to a multiple
+    of `round_to` of the longest row, or to `length` when given (a fixed shape for compiled layers; a longer row
+    is never cut: the longest row wins). Pure: the samples are not modified."""
+    if not rows or not all(len(r) for r in rows):
+        raise ValueError("collate_rows: every row needs at least one sample")
+    for r in rows:
+        for s in r:
+            _check_sample(s, cfg)
+    # (upstream-layout samples: one placeholder triple per chunk of a long Whisper clip)
+    rows = [_merge_row([s.expanded(cfg.audio_in_token_id) for s in r], cfg) for r in rows]
     b = len(rows)
-    length = max(len(r["ids"]) for r in rows)
+    length = max([len(r["ids"]) for r in rows] + [length or 0])
     length = (length + round_to - 1) // round_to * round_to
     k = cfg.audio_num_codebooks
 
     input_ids = torch.full((b, length), cfg.pad_token_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE, dtype=torch.long)
     kind = torch.full((b, length), -1, dtype=torch.long)
-    attention = torch.zeros((b, length), dtype=torch.bool)
+    segment_ids = torch.full((b, length), -1, dtype=torch.long)
+    # The reference's positions are cumsum(mask) - 1 in a row and 1 at masked positions; here they restart at
+    # every sample of a packed row.
+    position_ids = torch.ones((b, length), dtype=torch.long)
+    spans = []
     for i, r in enumerate(rows):
         n = len(r["ids"])
         input_ids[i, :n] = torch.tensor(r["ids"], dtype=torch.long)
         labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
         kind[i, :n] = torch.tensor(r["kind"], dtype=torch.long)
-        attention[i, :n] = True
-    # Reference: cumsum(mask) - 1, and 1 at masked positions.
-    position_ids = (attention.long().cumsum(-1) - 1).masked_fill(~attention, 1)
+        start = 0
+        for j, m in enumerate(r["lengths"]):
+            segment_ids[i, start:start + m] = j
+            position_ids[i, start:start + m] = torch.arange(m)
+            spans.append((i, start, start + m))
+            start += m
+    attention = segment_ids >= 0
 
     flat_kind = kind.reshape(-1)
     discrete = (kind == 1) | (kind == 2)
@@ -211,9 +251,9 @@ def collate(samples: list[Sample], cfg: HiggsConfig, round_to: int = 8) -> Batch
     audio_out_labels = cat_cols([c for r in rows for c in r["out_labels"]])
     assert audio_in_codes.shape[1] == audio_in_pos.numel() and audio_out_codes.shape[1] == audio_out_pos.numel()
 
-    # Text targets: position t predicts the label at t+1 (same row).
+    # Text targets: position t predicts the label at t+1 of the same sample.
     nxt = torch.full_like(labels, IGNORE)
-    nxt[:, :-1] = labels[:, 1:]
+    nxt[:, :-1] = labels[:, 1:].masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], IGNORE)
     text_loss_pos = torch.nonzero(nxt.reshape(-1) != IGNORE).reshape(-1)
     text_loss_targets = nxt.reshape(-1)[text_loss_pos]
 
@@ -233,6 +273,7 @@ def collate(samples: list[Sample], cfg: HiggsConfig, round_to: int = 8) -> Batch
         audio_out_pos=audio_out_pos, audio_out_codes=audio_out_codes, audio_out_labels=audio_out_labels,
         text_loss_pos=text_loss_pos, text_loss_targets=text_loss_targets,
         audio_loss_rows=audio_loss_rows, audio_loss_targets=audio_loss_targets,
+        segment_ids=segment_ids, spans=tuple(spans),
     )
     if cfg.uses_whisper_features:
         chunks = [c for r in rows for c in r["whisper"]]

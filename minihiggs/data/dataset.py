@@ -328,3 +328,66 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class TokenBatchSampler(BucketBatchSampler):
+    """Packed micro-batches: each batch is the sample indices of one row whose merged lengths sum to at most
+    `max_tokens` (collate them with `collate_rows([samples])`).
+
+    Per (seed, epoch) the indices are shuffled and cut into pools of `pool_size` samples; each pool is packed
+    first-fit decreasing (longest first, each into the first row with room), which leaves little padding, and the
+    order of all rows is shuffled. Deterministic and resumable exactly like `BucketBatchSampler` (`state_dict`
+    records `max_tokens` instead of `batch_size`); with world_size > 1 every rank gets the same number of rows.
+    A sample longer than `max_tokens` cannot be packed: a ValueError names how many there are.
+    """
+
+    def __init__(self, lengths, indices, max_tokens: int, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 world_size: int = 1, pool_size: int = 1024):
+        super().__init__(lengths, indices, batch_size=1, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self.max_tokens = int(max_tokens)
+        self.pool_size = int(pool_size)
+        too_long = self.lengths[self.indices] > self.max_tokens if len(self.indices) else np.zeros(0, dtype=bool)
+        if too_long.any():
+            raise ValueError(f"{int(too_long.sum())} sample(s) are longer than max_tokens={self.max_tokens} (longest "
+                             f"{int(self.lengths[self.indices].max())})")
+
+    def all_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = self.indices[rng.permutation(len(self.indices))]
+        rows: list[list[int]] = []
+        for p in range(0, len(perm), self.pool_size):
+            rows.extend(pack_first_fit(perm[p:p + self.pool_size], self.lengths, self.max_tokens))
+        order = rng.permutation(len(rows))
+        return [rows[j] for j in order]
+
+    def state_dict(self, batches_done: int | None = None) -> dict:
+        state = super().state_dict(batches_done)
+        del state["batch_size"]
+        return {**state, "max_tokens": self.max_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("max_tokens") != self.max_tokens:
+            raise ValueError("sampler state was saved with a different max_tokens")
+        super().load_state_dict(state)
+
+
+def pack_first_fit(indices, lengths, max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: rows of sample indices, each summing to <= max_tokens; order-stable for equal lengths,
+    samples within a row in descending length."""
+    indices = np.asarray(indices, dtype=np.int64)
+    order = indices[np.argsort(-np.asarray(lengths)[indices], kind="stable")]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order.tolist():
+        n = int(lengths[i])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens - n)
+    return rows

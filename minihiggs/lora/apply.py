@@ -11,7 +11,10 @@ working. The adapter lives in two bias-free sub-linears, exactly as PEFT lays it
 
     y = x @ W.T + b + scaling * ((dropout(x) @ A.T) @ B.T),   scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
-which is PEFT's `result + lora_B(lora_A(dropout(x))) * scaling` op for op, so fp32 results are bitwise PEFT's.
+which is PEFT's `result + lora_B(lora_A(dropout(x))) * scaling` op for op, so fp32 results are bitwise PEFT's on
+the same base product. The base product is the wrapped layer's own: `F.linear` for a plain `nn.Linear`, the model's
+`Linear` (oneDNN for frozen fp32 weights on CPU, model/linear.py) for the Higgs model's layers; on that CPU path the
+whole LoRA product is one fused autograd step (lora/fused.py: same math, another summation order).
 The PEFT file key of a parameter is `base_model.model.<path>.lora_A.weight` (see `lora_state_dict`).
 
 dtypes. A/B are stored in `lora_dtype` (default float32) whatever the base dtype: with a bf16 base on GPU the
@@ -54,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..model.linear import Linear, linear, use_onednn
 from ..wrappers import full_tensor, is_dtensor, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -89,6 +93,7 @@ class LoRALinear(nn.Linear):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.base_class = type(base)  # a merge gives this class back
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -125,11 +130,17 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        model_layer = issubclass(self.base_class, Linear)
         if not self.enabled or self.merged:
-            return result
+            return (linear if model_layer else F.linear)(x, self.weight, self.bias)
         a = self.lora_A.weight
         b = self.lora_B.weight
+        if model_layer and use_onednn(x, self.weight) and a.dtype == b.dtype == x.dtype and \
+                (self.bias is None or not self.bias.requires_grad):
+            from .fused import frozen_lora_linear  # the CPU fp32 form (one autograd step, in-place accumulation)
+
+            return frozen_lora_linear(x, self.lora_dropout(x), self.weight, self.bias, a, b, self.scaling)
+        result = (linear if model_layer else F.linear)(x, self.weight, self.bias)
         h = self.lora_dropout(x)
         return result + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
 
@@ -141,7 +152,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """Fold the update into the base weight in fp32 (`W + scaling * B @ A`, cast back to W's dtype) and
-        return a plain `nn.Linear` sharing the merged weight/bias. This module is then marked merged (its own
+        return a plain linear of the wrapped layer's class sharing the merged weight/bias. This module is then marked merged (its own
         forward stops adding the update) and should be discarded."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
@@ -150,7 +161,7 @@ class LoRALinear(nn.Linear):
             raise RuntimeError("merge a LoRA model after gathering it; sharded (DTensor) weights are not supported")
         w.data.copy_((w.data.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
-        lin = nn.Linear.__new__(nn.Linear)
+        lin = self.base_class.__new__(self.base_class)
         nn.Module.__init__(lin)
         lin.in_features, lin.out_features = self.in_features, self.out_features
         lin.weight = self.weight
@@ -417,7 +428,7 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (fp32 math, original dtype kept) and replace each
-    `LoRALinear` by a plain `nn.Linear`, in place; returns the (unwrapped) model. Parameters keep their
+    `LoRALinear` by a plain linear of the class it wrapped, in place; returns the (unwrapped) model. Parameters keep their
     requires_grad (frozen after apply_lora). The `enabled` switch is ignored: every update is merged."""
     model = unwrap(model)
     for path, m in lora_modules(model).items():

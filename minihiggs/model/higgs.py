@@ -10,6 +10,11 @@ Layer kinds (config.layer_kind):
   fast_forward  every discrete-audio position passes through unchanged and is masked as a key (text cannot
                 attend to audio codes in this layer); the rest is a normal Llama layer.
   text          a plain Llama layer (non-dual layers of the `dual_ffn` adapter type), causal.
+
+Attention is confined to each sample of a (possibly packed) row; how the mask is applied (a dense mask,
+per-sample calls, or flex_attention's block mask) is an `AttentionSpec` built once per forward (attention.py).
+The DualFFN routing is two index lists whose lengths vary per batch: compiled layers see them as dynamic sizes
+(`compile_layers`), so any text/audio ratio runs the same graph.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch.utils.checkpoint
 
 from ..config import HiggsConfig, TextConfig, rope_inv_freq
 from ..data.batch import Batch
+from .attention import BACKENDS, AttentionSpec, attend, build_spec, choose_backend
+from .linear import Linear
 from .loss import LossSums, audio_ce_sums, audio_top1_hits, text_ce_sum
 
 
@@ -39,11 +46,21 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose random init is skipped on the meta device: there it is a no-op anyway (`load_model` builds
+    on meta and fills every weight from the checkpoint), but meta `normal_` would load torch._dynamo (~70 MB of RSS)
+    into every eager process."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
@@ -68,35 +85,56 @@ class Attention(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv != self.n_heads:  # GQA: expand (a view) rather than copy
-            rep = self.n_heads // self.n_kv
-            k = k[:, :, None].expand(b, self.n_kv, rep, n, self.head_dim).reshape(b, self.n_heads, n, self.head_dim)
-            v = v[:, :, None].expand(b, self.n_kv, rep, n, self.head_dim).reshape(b, self.n_heads, n, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, spec)  # GQA: the kernels read the n_kv heads directly, K/V are never copied
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u keeping only g and u for backward (silu is recomputed there): autograd's silu + mul would also
+    keep silu(g), one [rows, intermediate] activation more per MLP (~1/4 of a step's activation memory)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        dg = grad * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None  # silu'(g) = s(1 + g(1 - s))
+        du = grad * F.silu(g) if ctx.needs_input_grad[1] else None
+        return dg, du
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # Compiled code keeps plain ops: inductor decides itself what to recompute.
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return F.silu(g) * u
+    return _SwiGLU.apply(g, u)
 
 
 @dataclass
@@ -104,8 +142,8 @@ class LayerInputs:
     """Per-batch tensors every layer needs, computed once per forward."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor  # [B, 1, L, L] bool: causal & valid key (& self)
-    ff_mask: torch.Tensor  # same, discrete-audio keys removed (fast-forward layers)
+    attn: AttentionSpec  # dual and text layers: causal within each sample
+    ff_attn: AttentionSpec | None  # fast-forward layers: the same, discrete-audio keys removed (None: no such layer)
     discrete: torch.Tensor  # [B, L, 1] bool
     discrete_idx: torch.Tensor  # flat indices
     other_idx: torch.Tensor
@@ -130,7 +168,7 @@ class DecoderLayer(nn.Module):
         b, n, d = x.shape
         if self.kind == "dual":
             h = torch.where(li.discrete, self.audio_input_layernorm(x), self.input_layernorm(x))
-            x = x + self.self_attn(h, li.rope, li.mask)
+            x = x + self.self_attn(h, li.rope, li.attn)
             flat = x.reshape(b * n, d)
             text_rows = flat.index_select(0, li.other_idx)
             audio_rows = flat.index_select(0, li.discrete_idx)
@@ -139,12 +177,12 @@ class DecoderLayer(nn.Module):
             ffn = ffn.index_copy(0, li.discrete_idx, self.audio_mlp(self.audio_post_attention_layernorm(audio_rows)))
             return (flat + ffn).view(b, n, d)
         if self.kind == "fast_forward":
-            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_mask)
+            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_attn)
             # Only non-audio rows go through the MLP; audio rows keep the layer input unchanged.
             rows = h.reshape(b * n, d).index_select(0, li.other_idx)
             rows = rows + self.mlp(self.post_attention_layernorm(rows))
             return x.reshape(b * n, d).index_copy(0, li.other_idx, rows).view(b, n, d)
-        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.mask)
+        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -154,8 +192,8 @@ class AudioDecoderProjector(nn.Module):
     def __init__(self, cfg: HiggsConfig):
         super().__init__()
         h = cfg.text.hidden_size
-        self.text_lm_head = nn.Linear(h, cfg.text.vocab_size, bias=False)
-        self.audio_lm_head = nn.Linear(h, cfg.audio_num_codebooks * cfg.codebook_stride, bias=False)
+        self.text_lm_head = Linear(h, cfg.text.vocab_size, bias=False)
+        self.audio_lm_head = Linear(h, cfg.audio_num_codebooks * cfg.codebook_stride, bias=False)
 
 
 @dataclass
@@ -176,25 +214,29 @@ class HiggsAudioModel(nn.Module):
         super().__init__()
         self.config = cfg
         t = cfg.text
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.layer_kind(i)) for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(t)
-        self.audio_codebook_embeddings = nn.Embedding(cfg.audio_num_codebooks * cfg.codebook_stride, t.hidden_size)
+        self.audio_codebook_embeddings = Embedding(cfg.audio_num_codebooks * cfg.codebook_stride, t.hidden_size)
         self.audio_decoder_proj = AudioDecoderProjector(cfg)
         if cfg.use_audio_out_embed_projector:
-            self.audio_out_embed_projector = nn.Linear(t.hidden_size, t.hidden_size, bias=False)
+            self.audio_out_embed_projector = Linear(t.hidden_size, t.hidden_size, bias=False)
         if cfg.has_audio_tower:
             from .whisper import AudioEncoderProjector, WhisperConfig, WhisperEncoder
 
             self.audio_tower = WhisperEncoder(WhisperConfig.from_dict(cfg.audio_encoder_config))
             self.audio_encoder_proj = AudioEncoderProjector(self.audio_tower.config.d_model, t.hidden_size)
-        self.register_buffer("codebook_offsets",
-                             torch.arange(cfg.audio_num_codebooks) * cfg.codebook_stride, persistent=False)
+        offsets = torch.arange(cfg.audio_num_codebooks, device="cpu") * cfg.codebook_stride  # (no meta kernels)
+        self.register_buffer("codebook_offsets", offsets.to(torch.get_default_device()), persistent=False)
         self.text_chunk_rows = 1024  # rows of the 128k-wide text head evaluated at once in the fused loss
         # Recompute each decoder layer in backward instead of storing its activations (training only): the
         # 3B model at a few thousand tokens per row otherwise needs tens of GB for activations.
         self.activation_checkpointing = False
+        # How attention masks are applied ("auto", "dense", "docs", "flex"; see attention.py) and whether the
+        # decoder layers run compiled (`compile_layers`), which "auto" takes into account.
+        self.attention_backend = "auto"
+        self.layers_compiled = False
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each decoder layer (and each Whisper tower layer) in backward instead of storing its
@@ -202,6 +244,14 @@ class HiggsAudioModel(nn.Module):
         self.activation_checkpointing = bool(enabled)
         if self.config.has_audio_tower:
             self.audio_tower.checkpoint_layers = bool(enabled)
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile each decoder layer (layers of one kind share a graph). The trunk is compiled, the fused
+        loss head runs eagerly by design (see loss.py). Shapes that change from batch to batch (the DualFFN
+        routing lists, always; the row length when it is not fixed) become dynamic sizes instead of recompiles."""
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
+        self.layers_compiled = True
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after construction on the meta device)."""
@@ -239,17 +289,22 @@ class HiggsAudioModel(nn.Module):
 
     # ---- trunk ------------------------------------------------------------------------------------------------
     def layer_inputs(self, batch: Batch, dtype: torch.dtype) -> LayerInputs:
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
         b, n = batch.input_ids.shape
-        dev = batch.input_ids.device
-        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-        eye = torch.eye(n, dtype=torch.bool, device=dev)
-        keys = batch.attention_mask[:, None, :]
-        # `| eye`: every query keeps at least itself, so padded rows never softmax over nothing (NaN in backward).
-        mask = (causal & keys) | eye
-        ff_mask = (causal & keys & ~batch.discrete_mask[:, None, :]) | eye
+        seg = batch.segment_ids
+        spans = batch.spans
+        if seg is None:  # a Batch built by hand without packing information: one sample per row
+            seg = torch.where(batch.attention_mask, 0, -1)
+            lengths = batch.attention_mask.sum(1).tolist()
+            spans = tuple((i, 0, int(m)) for i, m in enumerate(lengths))
+        backend = choose_backend(self.attention_backend, batch.input_ids.device, self.layers_compiled,
+                                 len(spans) > b, n)
+        has_ff = any(layer.kind == "fast_forward" for layer in self.layers)
         return LayerInputs(
             rope=self.rotary_emb(batch.position_ids, dtype),
-            mask=mask[:, None], ff_mask=ff_mask[:, None],
+            attn=build_spec(backend, seg, batch.attention_mask, None, spans),
+            ff_attn=build_spec(backend, seg, batch.attention_mask, batch.discrete_mask, spans) if has_ff else None,
             discrete=batch.discrete_mask[:, :, None],
             discrete_idx=batch.discrete_idx, other_idx=batch.other_idx,
         )
@@ -257,6 +312,8 @@ class HiggsAudioModel(nn.Module):
     def forward_hidden(self, batch: Batch, output_hidden_states: bool = False) -> ForwardOutput:
         x, wh, we = self.embed(batch)
         li = self.layer_inputs(batch, x.dtype)
+        if self.layers_compiled:
+            _mark_routing_dynamic(li)
         states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -288,3 +345,12 @@ class HiggsAudioModel(nn.Module):
 
     def forward(self, batch: Batch) -> LossSums:
         return self.loss_sums(self.forward_hidden(batch).hidden, batch)
+
+
+def _mark_routing_dynamic(li: LayerInputs) -> None:
+    """The DualFFN routing lists change length with every batch's text/audio ratio: declare those sizes dynamic
+    so compiled layers trace them symbolically once instead of recompiling per batch. (Sizes 0 and 1 would be
+    specialised anyway, so they are left alone; such a batch costs one more graph, once.)"""
+    for t in (li.discrete_idx, li.other_idx):
+        if t.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(t, 0)

@@ -13,12 +13,14 @@ of one batch of their union.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX as IGNORE
+from .linear import matmul_nn, matmul_nt
 
 
 @dataclass
@@ -105,7 +107,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits = (hc @ w.t()).to(acc)
+            logits = matmul_nt(hc, w).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -113,7 +115,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0  # d CE / d logits
                 g = g.to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = g @ w
+                    grad_h[s:s + chunk] = matmul_nn(g, w)
                 if need_w:
                     grad_w += (g.t() @ hc).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
@@ -128,11 +130,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-@torch.compiler.disable  # a Python loop over data-dependent row counts; runs eagerly after the compiled trunk
 def text_ce_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused text head + cross-entropy over the rows that have a text target. Returns (sum, count)."""
-    count = torch.tensor(targets.numel(), dtype=torch.long, device=rows.device)
+    """Fused text head + cross-entropy over the rows that have a text target. Returns (sum, count).
+
+    A Python loop over data-dependent row counts: it always runs eagerly, also inside code being compiled (there
+    through `torch.compiler.disable`, made on demand: decorating at import would load torch._dynamo, ~70 MB, into
+    every eager run; code can only be compiled once that module is loaded)."""
+    if "torch._dynamo" in sys.modules:
+        return _eager_text_ce_sum()(rows, weight, targets, chunk)
+    return _text_ce_sum(rows, weight, targets, chunk)
+
+
+_EAGER = None
+
+
+def _eager_text_ce_sum():
+    global _EAGER
+    if _EAGER is None:
+        _EAGER = torch.compiler.disable(_text_ce_sum)
+    return _EAGER
+
+
+def _text_ce_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    count = torch.full((), targets.numel(), dtype=torch.long, device=rows.device)  # a fill, not a host copy
     if targets.numel() == 0:
         # keep the graph connected (DDP/FSDP expect every forward to touch the same parameters)
         return (rows.sum() * 0.0).float() + (weight[:1].sum() * 0.0).float(), count

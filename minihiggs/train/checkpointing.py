@@ -144,6 +144,9 @@ def check_resume_compatible(state: dict, record: dict, cfg, world_size: int, ckp
                 for k, v in (("world_size", world_size), ("batch_size", cfg.batch_size), ("seed", cfg.seed))
                 if state.get(k) != v]
     saved = record.get("args", {})
+    if saved.get("max_tokens_per_batch") != cfg.max_tokens_per_batch:  # (absent: a run without packing)
+        problems.append(f"--max_tokens_per_batch: checkpoint {saved.get('max_tokens_per_batch')!r}, now "
+                        f"{cfg.max_tokens_per_batch!r}")
     for k in ("val_fraction", "lora_r", "lora_alpha", "lora_targets"):
         if k in saved and saved[k] != getattr(cfg, k):
             problems.append(f"--{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}")

@@ -34,6 +34,9 @@ class TrainConfig:
     num_workers: int | None = _flag(None, "DataLoader workers (default: 2 on CUDA, 0 on CPU)", "data and output")
     # -- optimisation
     batch_size: int = _flag(4, "samples per micro-batch per device", "optimisation")
+    max_tokens_per_batch: int | None = _flag(None, "pack samples into one row of at most N merged tokens per "
+                                                   "micro-batch instead of --batch_size padded samples",
+                                             "optimisation")
     grad_accum: int = _flag(1, "micro-batches per optimizer step", "optimisation")
     epochs: int = _flag(3, "passes over the training split", "optimisation")
     max_steps: int | None = _flag(None, "optimizer steps; overrides --epochs", "optimisation")
@@ -84,6 +87,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name} must be >= 1")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:
+            raise TrainConfigError("--max_tokens_per_batch must be >= 8")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainConfigError("--max_steps must be >= 1")
         if self.sample_steps is not None and self.sample_steps < 0 or self.sample_max_frames < 1:

@@ -1,4 +1,8 @@
-"""Data for the training loop: the resumable training loader and each rank's validation batches."""
+"""Data for the training loop: the resumable training loader and each rank's validation batches.
+
+Two ways to form a micro-batch: `--batch_size` samples, one per row, padded to the longest (`BucketBatchSampler`), or
+with `--max_tokens_per_batch` one packed row of samples filling a token budget (`TokenBatchSampler`, `collate_packed`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import weakref
 import torch
 
 from ..config import HiggsConfig
-from ..data.batch import Batch, collate
-from ..data.dataset import BucketBatchSampler, ShardDataset
-from ..errors import ShardError, UserError
+from ..data.batch import Batch, collate, collate_rows
+from ..data.dataset import BucketBatchSampler, ShardDataset, TokenBatchSampler, pack_first_fit
+from ..errors import ShardError, TrainConfigError, UserError
 
 
 def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
@@ -29,6 +33,23 @@ def check_dataset(ds: ShardDataset, cfg: HiggsConfig) -> None:
         raise ShardError(f"{ds.path}: prepared {'with' if ds.whisper else 'without'} Whisper features, but the "
                          f"checkpoint {'needs' if cfg.uses_whisper_features else 'does not use'} them; re-run "
                          f"prep.py with this --base_ckpt")
+
+
+def train_sampler(ds: ShardDataset, train_idx: list[int], batch_size: int, max_tokens: int | None, seed: int,
+                  rank: int, world_size: int) -> BucketBatchSampler:
+    """This rank's resumable sampler: `batch_size` samples per micro-batch, or packed rows of `max_tokens`."""
+    if max_tokens is None:
+        return BucketBatchSampler(ds.lengths, train_idx, batch_size=batch_size, seed=seed, epoch=0, rank=rank,
+                                  world_size=world_size)
+    too_long = [i for i in train_idx if ds.lengths[i] > max_tokens]
+    if too_long:
+        worst = max(too_long, key=lambda i: ds.lengths[i])
+        rec = ds.record(worst)
+        raise TrainConfigError(f"--max_tokens_per_batch {max_tokens}: {len(too_long)} training sample(s) are longer "
+                               f"(the longest, {rec['id']!r} from {rec['source']} line {rec['line']}, has "
+                               f"{rec['length']} tokens); raise the budget or re-run prep.py with a lower --max_tokens")
+    return TokenBatchSampler(ds.lengths, train_idx, max_tokens=max_tokens, seed=seed, epoch=0, rank=rank,
+                             world_size=world_size)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -58,18 +79,28 @@ class WorkerError:
             return UserError(self.message)
 
 
-class _Batches(torch.utils.data.Dataset):
-    """The loader's dataset: one `__getitems__` call per batch (sample reads + collate), UserErrors as values."""
+def collate_packed(samples: list, cfg: HiggsConfig, length: int | None = None) -> Batch:
+    """One micro-batch of `TokenBatchSampler`: all its samples in one row, padded to `length` when given."""
+    return collate_rows([samples], cfg, length=length)
 
-    def __init__(self, ds: ShardDataset, cfg: HiggsConfig):
-        self.ds, self.cfg = ds, cfg
+
+class _Batches(torch.utils.data.Dataset):
+    """The loader's dataset: one `__getitems__` call per batch (sample reads + collate), UserErrors as values.
+    A `TokenBatchSampler`'s batch becomes one packed row (padded to `packed_length` when given: one shape for
+    compiled layers), a `BucketBatchSampler`'s one row per sample."""
+
+    def __init__(self, ds: ShardDataset, cfg: HiggsConfig, packed: bool, packed_length: int | None):
+        self.ds, self.cfg, self.packed, self.packed_length = ds, cfg, packed, packed_length
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitems__(self, indices: list[int]) -> Batch | WorkerError:
         try:
-            return collate([self.ds[i] for i in indices], self.cfg)
+            samples = [self.ds[i] for i in indices]
+            if self.packed:
+                return collate_packed(samples, self.cfg, self.packed_length)
+            return collate(samples, self.cfg)
         except UserError as e:
             return WorkerError(e)
 
@@ -78,13 +109,14 @@ def _as_is(batch):
     return batch
 
 
-def train_loader(ds: ShardDataset, sampler: BucketBatchSampler, cfg: HiggsConfig, num_workers: int,
-                 pin_memory: bool) -> torch.utils.data.DataLoader:
+def train_loader(ds: ShardDataset, sampler: BucketBatchSampler | TokenBatchSampler, cfg: HiggsConfig,
+                 num_workers: int, pin_memory: bool, packed_length: int | None = None) -> torch.utils.data.DataLoader:
     """Batches come from `sampler` (set its epoch and position before each `iter`); iterate through
     `LoaderBatches`. The loader gets its own generator: creating an iterator otherwise draws a seed from the
     *global* torch RNG, which would shift the dropout stream at every epoch start and break bitwise resume."""
+    packed = getattr(sampler, "max_tokens", None) is not None
     return torch.utils.data.DataLoader(
-        _Batches(ds, cfg), batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
+        _Batches(ds, cfg, packed, packed_length), batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
         worker_init_fn=_ignore_stop_signals, persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None)
@@ -152,9 +184,23 @@ def collate_ids(ds: ShardDataset, ids: list[int], cfg: HiggsConfig) -> Batch:
     return collate([ds[i] for i in ids], cfg)
 
 
+def packed_val_rows(ds: ShardDataset, val_idx: list[int], max_tokens: int, rank: int,
+                    world_size: int) -> tuple[list[list[int]], int]:
+    """(this rank's packed validation rows, rows per rank): the val set packed first-fit decreasing (deterministic,
+    the same for every run), dealt out interleaved across ranks."""
+    rows = pack_first_fit(sorted(val_idx), ds.lengths, max_tokens)
+    return rows[rank::world_size], -(-len(rows) // world_size)
+
+
 def validation_set(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: int, world_size: int,
-                   cfg: HiggsConfig) -> list[tuple[Batch, bool]]:
-    """This rank's collated validation batches, each with its padding flag (see `val_batches`), built once."""
+                   cfg: HiggsConfig, max_tokens: int | None = None,
+                   packed_length: int | None = None) -> list[tuple[Batch, bool]]:
+    """This rank's collated validation batches, each with its padding flag (see `val_batches`), built once; packed
+    rows of at most `max_tokens` tokens (padded to `packed_length`) when given. The losses are the same either way."""
+    if max_tokens is not None and val_idx:
+        mine, n = packed_val_rows(ds, val_idx, max_tokens, rank, world_size)
+        pads = [(mine[-1] if mine else [val_idx[0]], True)] * (n - len(mine))
+        return [(collate_packed([ds[i] for i in ids], cfg, packed_length), pad) for ids, pad in [(r, False) for r in mine] + pads]
     n = val_batch_count(len(val_idx), batch_size, world_size) if val_idx else 0
     if not n:
         return []

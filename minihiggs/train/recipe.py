@@ -4,7 +4,8 @@
     recipe.setup()      # output dir + resume point, data, model + LoRA + wrapper, optimizer, restored state
     recipe.train()      # the loop; returns the exit code
 
-One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on every rank. The step's loss is
+One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples (or, with `--max_tokens_per_batch`, of one
+packed row of samples filling that token budget) on every rank. The step's loss is
 normalised by the step's *global* target counts (all micro-batches, all ranks), so the update equals that of one
 batch holding all of them, whatever the split across micro-batches and devices (`step.train_step`).
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset import BucketBatchSampler, ShardDataset
+from ..data.dataset import ShardDataset
 from ..errors import ResumeError, TrainConfigError
 from ..lora.apply import apply_lora
 from ..metrics.logger import make_logger
@@ -30,7 +31,7 @@ from ..model.checkpoint import load_model
 from ..model.loss import LossSums
 from . import checkpointing as ckpt_io
 from .config import TrainConfig
-from .data import LoaderBatches, check_dataset, train_loader, validation_set
+from .data import LoaderBatches, check_dataset, train_loader, train_sampler, validation_set
 from .distributed import DistEnv, all_reduce_max, all_reduce_sum, is_fsdp, wrap_model
 from .guard import UpdateGuard
 from .preflight import check_output_dir, read_model_config
@@ -89,11 +90,13 @@ class LoRARecipe:
         cfg, env = self.cfg, self.env
         self.ds = ShardDataset(cfg.train_manifest)
         self.train_idx, self.val_idx = self.ds.split(cfg.val_fraction)
-        self.sampler = BucketBatchSampler(self.ds.lengths, self.train_idx, batch_size=cfg.batch_size, seed=cfg.seed,
-                                          epoch=0, rank=env.rank, world_size=env.world_size)
+        self.sampler = train_sampler(self.ds, self.train_idx, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed,
+                                     env.rank, env.world_size)
         self.n_batches = len(self.sampler)  # this rank's micro-batches per epoch (equal on every rank)
         if self.n_batches == 0:
-            raise TrainConfigError(f"{len(self.train_idx)} training samples give no batch of {cfg.batch_size} for "
+            unit = f"packed row of {cfg.max_tokens_per_batch} tokens" if cfg.max_tokens_per_batch else \
+                f"batch of {cfg.batch_size}"
+            raise TrainConfigError(f"{len(self.train_idx)} training samples give no {unit} for "
                                    f"{env.world_size} device(s)")
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -117,14 +120,16 @@ class LoRARecipe:
         model.train()
         model.set_activation_checkpointing(cfg.activation_checkpointing)
         if self.use_compile:
-            for layer in model.layers:
-                layer.compile()  # the trunk; the fused loss head runs eagerly by design (see model/loss.py)
+            model.compile_layers()  # the trunk; the fused loss head runs eagerly by design (see model/loss.py)
         self.model = model
         self.train_model = wrap_model(model, env, fsdp=cfg.fsdp)  # the forward goes through this wrapper
         num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if self.device.type == "cuda" else 0)
+        # Packed rows are padded to the budget under compile: one shape, one graph per layer kind.
+        packed_length = cfg.max_tokens_per_batch if self.use_compile else None
         self.loader = train_loader(self.ds, self.sampler, model.config, num_workers,
-                                   pin_memory=self.device.type == "cuda")
-        self.val_set = validation_set(self.ds, self.val_idx, cfg.batch_size, env.rank, env.world_size, model.config)
+                                   pin_memory=self.device.type == "cuda", packed_length=packed_length)
+        self.val_set = validation_set(self.ds, self.val_idx, cfg.batch_size, env.rank, env.world_size, model.config,
+                                      max_tokens=cfg.max_tokens_per_batch, packed_length=packed_length)
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg

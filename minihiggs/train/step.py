@@ -30,13 +30,19 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], device: torch
     The denominators are the step's global target counts (known before any forward, summed over micro-batches
     and ranks), so sum_i normalized_i is exactly the mean loss of the union batch. DDP / FSDP2 *average*
     gradients over ranks, hence the `* world_size`.
+
+    No host synchronisation: the counts come from the host-side batches, `tokens` from their spans, and nothing
+    reads a device value (the trainer reads the step's loss and gradient norm once, after the step).
     """
     counts = torch.zeros(1 + num_codebooks, dtype=torch.long)
     for b in micro_batches:
         text, audio = b.target_counts()
         counts[0] += text
         counts[1:] += audio
-    counts = all_reduce_sum(counts.to(device))
+    # Counted on the host from the collated batches; a pinned, asynchronous copy (a pageable one waits for the GPU).
+    if device.type == "cuda":
+        counts = counts.pin_memory()
+    counts = all_reduce_sum(counts.to(device, non_blocking=True))
     text_denom, audio_denom = counts[0], counts[1:]
     total: LossSums | None = None
     tokens = 0
