@@ -40,6 +40,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, _dtensor_class()) else t
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's data: a DTensor's local shard (sharing its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, _dtensor_class()) else t
+
+
 def local_device(t: torch.Tensor) -> torch.device:
     """The device holding this rank's data (a DTensor's local shard, or the tensor itself)."""
     return t.to_local().device if isinstance(t, _dtensor_class()) else t.device

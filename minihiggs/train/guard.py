@@ -14,13 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..wrappers import DTensor
+from ..wrappers import local_tensor as _local  # (a DTensor's local shard shares its storage: copies stay local)
 from .distributed import all_reduce_max
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's data (a DTensor's local shard shares its storage): the copies and norms are local."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _grouped(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
