@@ -144,13 +144,6 @@ class Engine:
         return g(*args)
 
     # ---- model calls --------------------------------------------------------------------------------------------
-    def _embed_prompt(self, m: MergedPrompt) -> torch.Tensor:
-        model = self.model
-        x = model.embed_tokens(m.input_ids.to(self.device))
-        if m.audio_pos.numel():
-            x = x.index_copy(0, m.audio_pos.to(self.device), model.embed_audio(m.columns.to(self.device)).to(x.dtype))
-        return x[None]
-
     def _embed_step(self, tokens: torch.Tensor, cols: torch.Tensor, is_audio: torch.Tensor, mode: str) -> torch.Tensor:
         model = self.model
         if mode == "audio":
@@ -188,8 +181,7 @@ class Engine:
 
         # Iteration 0 of every row: its prefill (alone, batch 1) and its first selection.
         for b, row in enumerate(rows):
-            hidden = prefill(self.model, cache, b, self._embed_prompt(row.merged),
-                             row.merged.discrete[None].to(self.device))
+            hidden = prefill(self.model, cache, b, row.merged.batch.to(self.device))
             kind = self._kind(row)
             logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
             info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1].float().cpu()} if trace else None

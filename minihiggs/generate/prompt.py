@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..config import HiggsConfig
-from ..data.batch import segment_columns
+from ..constants import IGNORE_INDEX
+from ..data.batch import Batch, collate
 from ..data.sample import Sample
 from ..errors import GenerateError
 from ..text.chatml import DEFAULT_SCENE, tts_system_prompt
@@ -177,12 +178,22 @@ def prompt_from_sample(sample: Sample, tok, cfg: HiggsConfig,
 # ---- merging ----------------------------------------------------------------------------------------------------
 @dataclass
 class MergedPrompt:
-    """The prompt as the model sees it: each `<|AUDIO_OUT|>` replaced by its columns."""
+    """The prompt as the model sees it: collated exactly like a training sample (each `<|AUDIO_OUT|>` replaced by
+    its `[BOS, codes, EOS]` columns with the delay pattern), one row, no padding."""
 
-    input_ids: torch.Tensor  # [P] (the placeholder id at audio columns)
-    discrete: torch.Tensor  # [P] bool: audio-out column positions
-    audio_pos: torch.Tensor  # [N] positions of the audio columns
-    columns: torch.Tensor  # [K, N] the columns (BOS / codes / EOS, delay pattern applied)
+    batch: Batch
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [P] (the placeholder id at audio columns)
+        return self.batch.input_ids[0]
+
+    @property
+    def discrete(self) -> torch.Tensor:  # [P] bool: audio-out column positions
+        return self.batch.discrete_mask[0]
+
+    @property
+    def columns(self) -> torch.Tensor:  # [K, N] the columns (BOS / codes / EOS, delay pattern applied)
+        return self.batch.audio_out_codes
 
 
 def merge_prompt(prompt: Prompt, cfg: HiggsConfig) -> MergedPrompt:
@@ -196,20 +207,7 @@ def merge_prompt(prompt: Prompt, cfg: HiggsConfig) -> MergedPrompt:
     if prompt.ids and prompt.ids[-1] == cfg.audio_out_token_id:
         raise GenerateError(f"{prompt.name or 'prompt'}: a prompt may not end with <|AUDIO_OUT|> (continuing given "
                             f"audio is not supported)")
-    ids: list[int] = []
-    kinds: list[bool] = []
-    cols: list[torch.Tensor] = []
-    seg = 0
-    for t in prompt.ids:
-        if t == cfg.audio_out_token_id:
-            c, _ = segment_columns(prompt.context_codes[seg], cfg, trained=False)
-            seg += 1
-            cols.append(c)
-            ids += [t] * c.shape[1]
-            kinds += [True] * c.shape[1]
-        else:
-            ids.append(t)
-            kinds.append(False)
-    discrete = torch.tensor(kinds, dtype=torch.bool)
-    columns = torch.cat(cols, 1) if cols else torch.zeros(cfg.audio_num_codebooks, 0, dtype=torch.long)
-    return MergedPrompt(torch.tensor(ids, dtype=torch.long), discrete, torch.nonzero(discrete).reshape(-1), columns)
+    ids = torch.tensor(prompt.ids, dtype=torch.long)
+    sample = Sample(ids, torch.full_like(ids, IGNORE_INDEX), [torch.as_tensor(c).long() for c in prompt.context_codes],
+                    sample_id=prompt.name or "")
+    return MergedPrompt(collate([sample], cfg, round_to=1))

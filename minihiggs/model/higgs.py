@@ -90,13 +90,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec,
+                kv_sink: list | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_sink is not None:  # a generation prefill keeps every layer's keys/values for its KV cache
+            kv_sink.append((k, v))
         out = attend(q, k, v, spec)  # GQA: the kernels read the n_kv heads directly, K/V are never copied
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
@@ -147,6 +150,7 @@ class LayerInputs:
     discrete: torch.Tensor  # [B, L, 1] bool
     discrete_idx: torch.Tensor  # flat indices
     other_idx: torch.Tensor
+    kv_sink: list | None = None  # when a list, each layer appends its (roped keys, values) [B, kv_heads, L, d]
 
 
 class DecoderLayer(nn.Module):
@@ -168,7 +172,7 @@ class DecoderLayer(nn.Module):
         b, n, d = x.shape
         if self.kind == "dual":
             h = torch.where(li.discrete, self.audio_input_layernorm(x), self.input_layernorm(x))
-            x = x + self.self_attn(h, li.rope, li.attn)
+            x = x + self.self_attn(h, li.rope, li.attn, li.kv_sink)
             flat = x.reshape(b * n, d)
             text_rows = flat.index_select(0, li.other_idx)
             audio_rows = flat.index_select(0, li.discrete_idx)
@@ -177,12 +181,12 @@ class DecoderLayer(nn.Module):
             ffn = ffn.index_copy(0, li.discrete_idx, self.audio_mlp(self.audio_post_attention_layernorm(audio_rows)))
             return (flat + ffn).view(b, n, d)
         if self.kind == "fast_forward":
-            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_attn)
+            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_attn, li.kv_sink)
             # Only non-audio rows go through the MLP; audio rows keep the layer input unchanged.
             rows = h.reshape(b * n, d).index_select(0, li.other_idx)
             rows = rows + self.mlp(self.post_attention_layernorm(rows))
             return x.reshape(b * n, d).index_copy(0, li.other_idx, rows).view(b, n, d)
-        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.attn)
+        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.attn, li.kv_sink)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -309,9 +313,13 @@ class HiggsAudioModel(nn.Module):
             discrete_idx=batch.discrete_idx, other_idx=batch.other_idx,
         )
 
-    def forward_hidden(self, batch: Batch, output_hidden_states: bool = False) -> ForwardOutput:
+    def forward_hidden(self, batch: Batch, output_hidden_states: bool = False,
+                       kv_sink: list | None = None) -> ForwardOutput:
+        """The trunk over a batch: embeddings, every decoder layer, the final norm. `kv_sink` (a list) receives
+        each layer's roped keys and values, in layer order (a generation prefill fills its KV cache from them)."""
         x, wh, we = self.embed(batch)
         li = self.layer_inputs(batch, x.dtype)
+        li.kv_sink = kv_sink
         if self.layers_compiled:
             _mark_routing_dynamic(li)
         states = [x] if output_hidden_states else None

@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.batch import Batch
 from .higgs import Attention, DecoderLayer, HiggsAudioModel, apply_rope
+from .linear import Linear, linear
 
 MODES = ("audio", "text", "mixed")
 
@@ -56,84 +58,34 @@ class StaticKVCache(nn.Module):
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
 
-def _qkv(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-    b, n, _ = x.shape
-    q = attn.q_proj(x).view(b, n, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2)
-    cos, sin = rope
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
 # ---- prefill ------------------------------------------------------------------------------------------------------
-def _prefill_attention(attn: Attention, x, rope, mask, cache: StaticKVCache, layer: int, row: int) -> torch.Tensor:
-    """Causal self-attention over the prompt itself (no past); its keys/values go to slots 0..P-1 of `row`."""
-    q, k, v = _qkv(attn, x, rope)
-    n = x.shape[1]
-    ck, cv = cache.kv(layer)
-    ck[row, :, :n] = k[0]
-    cv[row, :, :n] = v[0]
-    if attn.n_kv != attn.n_heads:
-        rep = attn.n_heads // attn.n_kv
-        k = k[:, :, None].expand(1, attn.n_kv, rep, n, attn.head_dim).reshape(1, attn.n_heads, n, attn.head_dim)
-        v = v[:, :, None].expand(1, attn.n_kv, rep, n, attn.head_dim).reshape(1, attn.n_heads, n, attn.head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.o_proj(out.transpose(1, 2).reshape(1, n, attn.n_heads * attn.head_dim))
-
-
-def _prefill_layer(layer: DecoderLayer, x, rope, masks, discrete, cache, i, row) -> torch.Tensor:
-    """One decoder layer over a whole prompt row (batch 1), routed exactly as the training forward."""
-    mask, ff_mask = masks
-    n, d = x.shape[1], x.shape[2]
-    audio_idx = torch.nonzero(discrete[0]).reshape(-1)
-    text_idx = torch.nonzero(~discrete[0]).reshape(-1)
-    if layer.kind == "dual":
-        h = torch.where(discrete[..., None], layer.audio_input_layernorm(x), layer.input_layernorm(x))
-        x = x + _prefill_attention(layer.self_attn, h, rope, mask, cache, i, row)
-        flat = x.reshape(n, d)
-        ffn = torch.zeros_like(flat)
-        ffn = ffn.index_copy(0, text_idx, layer.mlp(layer.post_attention_layernorm(flat.index_select(0, text_idx))))
-        ffn = ffn.index_copy(0, audio_idx, layer.audio_mlp(
-            layer.audio_post_attention_layernorm(flat.index_select(0, audio_idx))))
-        return (flat + ffn).view(1, n, d)
-    if layer.kind == "fast_forward":
-        h = x + _prefill_attention(layer.self_attn, layer.input_layernorm(x), rope, ff_mask, cache, i, row)
-        rows = h.reshape(n, d).index_select(0, text_idx)
-        rows = rows + layer.mlp(layer.post_attention_layernorm(rows))
-        return x.reshape(n, d).index_copy(0, text_idx, rows).view(1, n, d)
-    x = x + _prefill_attention(layer.self_attn, layer.input_layernorm(x), rope, mask, cache, i, row)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
-
-
 @torch.no_grad()
-def prefill(model: HiggsAudioModel, cache: StaticKVCache, row: int, x: torch.Tensor,
-            discrete: torch.Tensor) -> torch.Tensor:
-    """Run prompt row `row` (embeddings x [1, P, H], discrete-audio mask [1, P]) from position 0, filling its
-    cache slots 0..P-1. Returns the final-normed hidden states [1, P, H]."""
-    n = x.shape[1]
+def prefill(model: HiggsAudioModel, cache: StaticKVCache, row: int, batch: Batch) -> torch.Tensor:
+    """Run one prompt (a collated one-row `Batch`, no padding) from position 0 through the model's own training
+    forward, and keep every layer's keys/values in slots 0..P-1 of cache row `row` (a fast-forward layer's keys at
+    the prompt's audio columns are stored too, but flagged audio and never visible). Returns the final-normed
+    hidden states [1, P, H]."""
+    n = batch.input_ids.shape[1]
     if n > cache.max_len:
         raise ValueError(f"prompt of {n} positions does not fit a cache of {cache.max_len}")
-    dev = x.device
-    pos = torch.arange(n, device=dev)[None]
-    rope = model.rotary_emb(pos, x.dtype)
-    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=dev)
-    ff_mask = (causal & ~discrete[:, None, :]) | eye  # audio keys hidden; a query always keeps itself
-    masks = (causal[None, None], ff_mask[:, None])
+    sink: list = []
+    hidden = model.forward_hidden(batch, kv_sink=sink).hidden
+    for i, (k, v) in enumerate(sink):
+        ck, cv = cache.kv(i)
+        ck[row, :, :n] = k[0]
+        cv[row, :, :n] = v[0]
     cache.audio[row].zero_()
-    cache.audio[row, :n] = discrete[0]
-    for i, layer in enumerate(model.layers):
-        x = _prefill_layer(layer, x, rope, masks, discrete, cache, i, row)
-    return model.norm(x)
+    cache.audio[row, :n] = batch.discrete_mask[0]
+    return hidden
 
 
 # ---- one token per row ------------------------------------------------------------------------------------------
 # The decode step is a few hundred tiny ops per token, so per-op host overhead matters (on CPU it is ~15% of a step
-# of the `small` shape): plain Linears are called through F.linear (no module dispatch; a LoRA-wrapped one keeps
-# its own forward), and with one position per row [B, 1, heads*d] views straight into [B, heads, 1, d] (no
-# transposes). The arithmetic is the same ops in the same order, so results are bit-identical.
+# of the `small` shape): plain Linears are called through `model.linear.linear` (no module dispatch; frozen fp32
+# weights on CPU still take its oneDNN GEMM; a LoRA-wrapped one keeps its own forward), and with one position per
+# row [B, 1, heads*d] views straight into [B, heads, 1, d] (no transposes). Same arithmetic as the module calls.
 def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, mod.weight) if type(mod) is nn.Linear else mod(x)
+    return linear(x, mod.weight) if type(mod) in (nn.Linear, Linear) else mod(x)
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
