@@ -15,8 +15,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
+# The whole suite except the tests of the optional extras (those run in `make test-extras`).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not extras" tests
 
 # The optional extras (requirements-extras.txt: tensorboard, wandb, matplotlib) and the tests that need them.
 EXTRAS := $(VENV)/.extras-installed
@@ -27,7 +28,10 @@ $(EXTRAS): $(STAMP) requirements-extras.txt
 test-extras: $(EXTRAS)
 	$(PY) -m pytest -q -m extras tests
 
+# The demo draws its loss curves, so it installs matplotlib (the one plotting extra) when it is missing.
+MATPLOTLIB := $(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"
 demo: $(STAMP)
+	$(MATPLOTLIB)
 	$(PY) scripts/demo.py
 
 # make speak [TEXT="..."] [SPEAKER=ava] [ADAPTER=runs/me/best] [CODEC=bosonai/higgs-audio-v2-tokenizer]
@@ -71,5 +75,5 @@ bench-generate: $(STAMP)
 # make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also draws it at every validation
 # when matplotlib is installed; this target installs matplotlib into the venv if it is missing)
 plot: $(STAMP)
-	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"
+	$(MATPLOTLIB)
 	$(PY) scripts/plot_metrics.py $(OUT)
