@@ -19,6 +19,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,36 @@ from .step import evaluate, loss_fields, train_step
 MAX_NONFINITE_IN_A_ROW = 5
 BROKEN_UPDATE = "update (finite loss and gradients, but the new LoRA weights were non-finite or too large: lower --lr)"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step as every rank sees it (all-reduced)."""
+
+    sums: torch.Tensor  # LossSums.as_vector() of the step's micro-batches, all ranks
+    tokens: int  # non-padding positions, all ranks
+    stop_requested: bool  # a rank was signalled
+    loss: float
+    grad_norm: float
+    lr: float  # the LR this update used
+    accepted: bool  # finite loss, gradient norm and new weights (else the update was undone)
+
+
+class LogWindow:
+    """The loss sums and throughput of the current `--log_steps` window (accepted steps' sums only)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.tokens_seen, self.t0 = 0, time.perf_counter()
+
+    def add(self, sums: torch.Tensor) -> None:
+        self.sums = sums if self.sums is None else self.sums + sums
+
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / max(time.perf_counter() - self.t0, 1e-9)
 
 
 class LoRARecipe:
@@ -219,23 +250,23 @@ class LoRARecipe:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> int:
-        cfg, s, K = self.cfg, self.state, self.model.config.audio_num_codebooks
-        stop, own_handler = self.stop, not self.stop.installed
+        cfg, s, stop = self.cfg, self.state, self.stop
+        own_handler = not stop.installed
         if own_handler:  # (a caller other than `minihiggs.train.train`)
             stop.install()
         stop.defer()  # from here on a stop request is honoured at the next step or validation batch, with a checkpoint
         self.announce()
-        nonfinite_run, stop_reason = 0, None
-        if self.saved is None and self.val_set and cfg.val_steps:
-            if self.validate() is None:  # the untrained baseline (LoRA B = 0: exactly the base model)
-                stop_reason = "signal"
+        stop_reason = None
+        if self.saved is None and self.val_set and cfg.val_steps and self.validate() is None:  # the untrained baseline
+            stop_reason = "signal"
         if self.saved is None and stop_reason is None:
             self.samples.maybe_write(self.train_model, 0)
         from tqdm import tqdm
 
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
                          dynamic_ncols=True, mininterval=1.0)
-        window, window_tokens, window_t0 = None, 0, time.perf_counter()  # the current --log_steps window
+        window = LogWindow()  # the current --log_steps window
+        self.nonfinite_run = 0
         batches: LoaderBatches | None = None
         try:
             while s.step < s.total_steps and stop_reason is None:
@@ -247,61 +278,16 @@ class LoRARecipe:
                 epoch_done = False
                 while s.step < s.total_steps and stop_reason is None and not epoch_done:
                     micro, epoch_done = self.next_micro_batches(batches)
-                    res = train_step(self.train_model, micro, self.device, self.env.world_size, K)
-                    # One collective per step: loss sums and counts, tokens, and whether any rank was signalled.
-                    vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
-                        [res.tokens, 1.0 if stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    loss, grad_norm, weights_ok = self.update(vec[:2 + 2 * K])  # (the step's one host sync)
-                    step_tokens, stop_requested = int(vec[-2]), bool(vec[-1] > 0)
-                    if math.isfinite(loss) and math.isfinite(grad_norm) and weights_ok:
-                        nonfinite_run = 0
-                        window = vec[:2 + 2 * K] if window is None else window + vec[:2 + 2 * K]
-                    else:
-                        nonfinite_run += 1
-                        self.log.log({"event": "nonfinite", "step": s.step + 1, "loss": loss, "grad_norm": grad_norm,
-                                      "weights_finite": weights_ok, "in_a_row": nonfinite_run})
-                        what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else BROKEN_UPDATE
-                        self.say(f"step {s.step + 1}: non-finite {what}: update rejected, weights and optimizer "
-                                 f"state kept ({nonfinite_run} in a row)")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step()  # the schedule follows the data, skipped updates included
+                    step = self.optimizer_step(micro)
+                    if step.accepted:
+                        window.add(step.sums)
                     s.step += 1
-                    s.tokens += step_tokens
-                    window_tokens += step_tokens
-                    elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                    s.tokens += step.tokens
+                    window.tokens_seen += step.tokens
                     self.pbar.update(1)
-                    self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                          tok_s=f"{window_tokens / elapsed:.0f}", refresh=False)
-
-                    if nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
-                        stop_reason = "nonfinite"
-                        break
-                    if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
-                        if window is not None:
-                            rep = LossSums.from_vector(window).report()
-                            self.log.log({"split": "train", "step": s.step,
-                                          "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4),
-                                          **loss_fields(rep), "lr": lr, "grad_norm": grad_norm,
-                                          "tokens_per_s": round(window_tokens / elapsed, 1), "tokens": s.tokens})
-                        window, window_tokens, window_t0 = None, 0, time.perf_counter()
-                    if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
-                        if self.validate() is None:
-                            stop_reason = "signal"
-                        elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
-                            stop_reason = "early_stop"
-                            self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step,
-                                          "best_val": s.best_val})
-                            self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
-                                     f"(best {s.best_val:.4f} at step {s.best_step})")
-                    self.samples.maybe_write(self.train_model, s.step)
-                    if cfg.save_steps and s.step % cfg.save_steps == 0:
-                        if nonfinite_run == 0:
-                            self.save("save_steps")
-                        else:  # never let a checkpoint of a non-finite streak replace the good ones
-                            self.say(f"step {s.step}: checkpoint skipped (this update was non-finite)")
-                    if stop_requested and stop_reason is None:
-                        stop_reason = "signal"
+                    self.pbar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}",
+                                          tok_s=f"{window.tokens_per_s():.0f}", refresh=False)
+                    stop_reason = self.after_step(step, window)
         finally:
             if batches is not None:
                 batches.close()  # the workers stop now, also on an exception or an abort
@@ -313,6 +299,62 @@ class LoRARecipe:
             if own_handler:
                 stop.restore()
             self.log.close()
+
+    def optimizer_step(self, micro: list) -> "StepOutcome":
+        """Forward + backward over the step's micro-batches, one all-reduce (loss sums and counts, tokens, whether
+        any rank was signalled), then the guarded update. A rejected (non-finite) update is logged here."""
+        K = self.model.config.audio_num_codebooks
+        res = train_step(self.train_model, micro, self.device, self.env.world_size, K)
+        vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
+            [res.tokens, 1.0 if self.stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss, grad_norm, weights_ok = self.update(vec[:2 + 2 * K])  # (the step's one host sync)
+        accepted = math.isfinite(loss) and math.isfinite(grad_norm) and weights_ok
+        self.nonfinite_run = 0 if accepted else self.nonfinite_run + 1
+        if not accepted:
+            n = self.state.step + 1
+            self.log.log({"event": "nonfinite", "step": n, "loss": loss, "grad_norm": grad_norm,
+                          "weights_finite": weights_ok, "in_a_row": self.nonfinite_run})
+            what = f"loss {loss} / grad norm {grad_norm}" if weights_ok else BROKEN_UPDATE
+            self.say(f"step {n}: non-finite {what}: update rejected, weights and optimizer state kept "
+                     f"({self.nonfinite_run} in a row)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the data, skipped updates included
+        return StepOutcome(vec[:2 + 2 * K], int(vec[-2]), bool(vec[-1] > 0), loss, grad_norm, lr, accepted)
+
+    def after_step(self, step: "StepOutcome", window: "LogWindow") -> str | None:
+        """What follows an optimizer step, in order: the non-finite stop, the train log, validation (early stop),
+        audio samples, the checkpoint, a stop request. Returns why the loop must stop, or None."""
+        cfg, s = self.cfg, self.state
+        if self.nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
+            return "nonfinite"
+        stop_reason = None
+        if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
+            if window.sums is not None:
+                rep = LossSums.from_vector(window.sums).report()
+                self.log.log({"split": "train", "step": s.step,
+                              "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4), **loss_fields(rep),
+                              "lr": step.lr, "grad_norm": step.grad_norm,
+                              "tokens_per_s": round(window.tokens_per_s(), 1), "tokens": s.tokens})
+            window.reset()
+        if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
+            if self.validate() is None:
+                stop_reason = "signal"
+            elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
+                stop_reason = "early_stop"
+                self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step,
+                              "best_val": s.best_val})
+                self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
+                         f"(best {s.best_val:.4f} at step {s.best_step})")
+        self.samples.maybe_write(self.train_model, s.step)
+        if cfg.save_steps and s.step % cfg.save_steps == 0:
+            if self.nonfinite_run == 0:
+                self.save("save_steps")
+            else:  # never let a checkpoint of a non-finite streak replace the good ones
+                self.say(f"step {s.step}: checkpoint skipped (this update was non-finite)")
+        if step.stop_requested and stop_reason is None:
+            stop_reason = "signal"
+        return stop_reason
 
     def clip_gradients(self) -> torch.Tensor:
         from ..wrappers import full_tensor
