@@ -1,7 +1,7 @@
 """Loss curves from metrics.jsonl to a PNG, drawn with matplotlib (an optional extra).
 
-Three panels: the total loss (train line, validation line with dots), its text / audio parts, and the
-validation audio loss per codebook. The trainer redraws `loss.png` at every validation, so a running job can be
+Four panels: the total loss (train line, validation line with dots), its text / audio parts, the validation audio
+loss per codebook, and the validation teacher-forced top-1 audio accuracy per codebook (with its mean). The trainer redraws `loss.png` at every validation, so a running job can be
 looked at; without matplotlib there is no PNG (`MATPLOTLIB_NOTE` says how to get one). Only matplotlib's
 object API is used (a `Figure` with the Agg canvas, no pyplot): no global backend switch, no GUI.
 """
@@ -30,9 +30,9 @@ def render_metrics_png(metrics_path: str | Path, out_path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     recs = read_metrics(metrics_path)
-    fig = Figure(figsize=(15, 4.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(20, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    total, parts, per_cb = fig.subplots(1, 3)
+    total, parts, per_cb, acc = fig.subplots(1, 4)
 
     def draw(ax, split: str, key: str, label: str, **kw) -> None:
         steps, values = series(recs, split, key)
@@ -47,14 +47,20 @@ def render_metrics_png(metrics_path: str | Path, out_path: str | Path) -> Path:
     draw(parts, "val", "text_loss", "val text", color="C4", linestyle="--")
     draw(parts, "val", "audio_loss", "val audio", color="C3", linestyle="--")
     parts.set_title("text / audio loss")
-    val = [r for r in recs if r.get("split") == "val" and isinstance(r.get("audio_loss_per_codebook"), list)]
-    by_step = {int(r["step"]): r["audio_loss_per_codebook"] for r in val}  # the last record of a step wins
-    steps = sorted(by_step)
-    for k in range(len(by_step[steps[-1]]) if steps else 0):
-        per_cb.plot(steps, [by_step[s][k] if k < len(by_step[s]) else float("nan") for s in steps],
-                    marker="o", markersize=3, label=f"codebook {k}")
+    def draw_per_codebook(ax, key: str) -> None:
+        val = [r for r in recs if r.get("split") == "val" and isinstance(r.get(key), list)]
+        by_step = {int(r["step"]): r[key] for r in val}  # the last record of a step wins
+        steps = sorted(by_step)
+        for k in range(len(by_step[steps[-1]]) if steps else 0):
+            ax.plot(steps, [by_step[s][k] if k < len(by_step[s]) else float("nan") for s in steps],
+                    marker="o", markersize=3, label=f"codebook {k}", linewidth=1)
+
+    draw_per_codebook(per_cb, "audio_loss_per_codebook")
     per_cb.set_title("val audio loss per codebook")
-    for ax in (total, parts, per_cb):
+    draw_per_codebook(acc, "audio_acc_per_codebook")
+    draw(acc, "val", "audio_acc", "mean", color="black", linewidth=2.5)
+    acc.set_title("val audio top-1 accuracy (teacher-forced)")
+    for ax in (total, parts, per_cb, acc):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
