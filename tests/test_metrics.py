@@ -179,7 +179,7 @@ def test_loss_png_drawn_with_matplotlib(tmp_path):
     png = render_metrics_png(write_run(tmp_path), tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = imread(png)
-    assert img.shape[0] == 460 and img.shape[1] == 1500
+    assert img.shape[0] == 460 and img.shape[1] == 2000  # four panels
     assert img[..., :3].std() > 0.05  # curves, not a blank canvas
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

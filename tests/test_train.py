@@ -109,7 +109,7 @@ def test_loss_png_of_a_run(straight):
     from matplotlib.image import imread
 
     img = imread(straight / "loss.png")
-    assert img.shape[:2] == (460, 1500) and img[..., :3].std() > 0.05
+    assert img.shape[:2] == (460, 2000) and img[..., :3].std() > 0.05  # four panels
 
 
 def test_report_to_tensorboard_writes_the_metrics(straight):
