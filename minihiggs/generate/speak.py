@@ -164,7 +164,7 @@ class References:
             return None
         cfg = self.cfg
         if item.ref_sample:
-            text_ids, codes = reference_from_sample(self.sample(item.ref_sample, item.where), self.tok, cfg)
+            text_ids, codes = reference_from_sample(self.sample(item.ref_sample, "--ref_sample" if item.where == "--text" else item.where), self.tok, cfg)
             text = item.ref_text if item.ref_text else text_ids
         else:
             if not item.ref_text:
