@@ -29,6 +29,10 @@ class AdapterError(UserError, ValueError):
     """A LoRA adapter directory that cannot be used (missing files, wrong base, bad weights)."""
 
 
+class UnsupportedAdapterError(AdapterError, NotImplementedError):
+    """An adapter feature this LoRA cannot reproduce exactly (DoRA, trained biases, PiSSA-style inits, ...)."""
+
+
 class ShardError(UserError, RuntimeError):
     """A prepared directory or shard that does not match its index (the message names the file)."""
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_merged(args.adapter, args.out, base=args.base, max_shard_size=args.max_shard_size,
                       overwrite=args.overwrite)
-    except (UserError, ValueError, KeyError, OSError, NotImplementedError) as e:
+    except (UserError, ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"export: error: {msg}", file=sys.stderr)
         return 2

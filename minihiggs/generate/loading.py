@@ -54,10 +54,7 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
     adir, recorded = None, None
     if adapter:
         adir = adapter_dir(adapter)
-        try:
-            acfg = read_adapter_config(adir)
-        except (ValueError, NotImplementedError, OSError) as e:
-            raise AdapterError(f"{adir / ADAPTER_CONFIG}: {e}") from None
+        acfg = read_adapter_config(adir)  # (its errors name the file already)
         recorded = acfg.get("base_model_name_or_path") or None
         if base_ckpt is None:
             if recorded is None:

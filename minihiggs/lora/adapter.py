@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save
 
-from ..errors import AdapterError
+from ..errors import AdapterError, UnsupportedAdapterError
 from ..fsio import atomic_dir
 from ..hub import resolve_dir
 from ..wrappers import unwrap
@@ -98,25 +98,30 @@ def validate_adapter_config(cfg: dict, where: str = "adapter_config.json") -> No
         if k not in cfg:
             raise AdapterError(f"{where}: missing field {k!r}")
     if cfg.get("bias", "none") != "none":
-        raise NotImplementedError(f"{where}: bias={cfg['bias']!r} (trained biases) is not supported")
+        raise UnsupportedAdapterError(f"{where}: bias={cfg['bias']!r} (trained biases) is not supported")
     for k in ("use_dora", "fan_in_fan_out", "layers_to_transform", "layer_replication", "rank_pattern",
               "alpha_pattern", "modules_to_save"):
         v = cfg.get(k)
         if not (v is None or v is False or v == {} or v == []):
-            raise NotImplementedError(f"{where}: {k}={v!r} is not supported")
+            raise UnsupportedAdapterError(f"{where}: {k}={v!r} is not supported")
     init = cfg.get("init_lora_weights", True)
     if not (init is True or init is False or init == "gaussian"):
         # PiSSA / OLoRA / LoftQ-style inits also rewrite the *base* weights: loading only A/B would be wrong.
-        raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported")
+        raise UnsupportedAdapterError(f"{where}: init_lora_weights={init!r} is not supported")
     if cfg["target_modules"] == "all-linear":
-        raise NotImplementedError(f"{where}: target_modules='all-linear' is not supported; list the modules")
+        raise UnsupportedAdapterError(f"{where}: target_modules='all-linear' is not supported; list the modules")
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
     validate_adapter_config(cfg, str(path))
     return cfg
 
