@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras demo speak prep train plot bench-codec bench bench-generate clean
+.PHONY: venv test test-extras lint demo speak prep train plot bench-codec bench bench-generate clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ $(EXTRAS): $(STAMP) requirements-extras.txt
 
 test-extras: $(EXTRAS)
 	$(PY) -m pytest -q -m extras tests
+
+# ruff with the rules in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The demo draws its loss curves, so it installs matplotlib (the one plotting extra) when it is missing.
 MATPLOTLIB := $(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"
