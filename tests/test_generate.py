@@ -69,6 +69,16 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+NOTES = ("base: ", "adapter: ", "codec: ", "note: ")  # what generate says it loaded, before any error
+
+
+def error_line(err: str) -> str:
+    """The one `generate: error:` line, checked to be the last line of stderr after the loading notes only."""
+    *notes, last = err.strip().splitlines()
+    assert last.startswith("generate: error: ") and all(n.startswith(NOTES) for n in notes), err
+    return last
+
+
 # ---- prompts ------------------------------------------------------------------------------------------------------
 def test_tts_prompt_is_the_training_layout_plus_the_serve_postfix(tok):
     """The voice-clone prompt = what prep writes for the same ChatML sample, minus the target audio turn, plus
@@ -230,9 +240,7 @@ def test_one_line_errors(extra, message, base, codec, tok, tmp_path, capsys, mon
     if message is None:
         assert code == 0, err
         return
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("generate: error: ") and message in lines[0], err
+    assert code == 2 and message in error_line(err), err
 
 
 def test_adapter_for_another_base_is_named(base, codec, adapter, tmp_path, capsys):
@@ -240,11 +248,11 @@ def test_adapter_for_another_base_is_named(base, codec, adapter, tmp_path, capsy
     write_higgs_tokenizer(LLAMA_DIR, other)
     code, _, err = run_cli(["--base_ckpt", str(other), "--adapter", str(adapter), "--codec", str(codec),
                             "--text", "Hi.", "--out", str(tmp_path / "x.wav")], capsys)
-    assert code == 2 and err.count("\n") == 1
-    assert "made for another base checkpoint" in err and str(base) in err and str(other) in err
+    line = error_line(err)
+    assert code == 2 and "made for another base checkpoint" in line and str(base) in line and str(other) in line
     code, _, err = run_cli(["--adapter", str(tmp_path), "--codec", str(codec), "--text", "Hi.", "--out",
                             str(tmp_path / "x.wav")], capsys)
-    assert code == 2 and "not a LoRA adapter directory" in err
+    assert code == 2 and "not a LoRA adapter directory" in error_line(err)
 
 
 def test_command_runs_as_a_module(base, codec, tmp_path):
@@ -254,11 +262,12 @@ def test_command_runs_as_a_module(base, codec, tmp_path):
     r = subprocess.run(env_cmd + ["--text", "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "x.wav").is_file() and "frame" in r.stderr  # tqdm's unit
+    assert (tmp_path / "x.wav").is_file() and "12/12" in r.stderr and "step/s" in r.stderr  # tqdm: steps counted
+    assert "12 decoding steps, stop: max_new_tokens" in r.stdout
     r = subprocess.run(env_cmd + ["--text", "Hi.", "--out", str(tmp_path / "y.wav"), "--ref_codes", "nope.npy",
                                   "--ref_text", "x"], cwd=REPO, capture_output=True, text=True,
                        env=env)
-    assert r.returncode == 2 and r.stderr.strip() == "generate: error: nope.npy: reference codes file not found"
+    assert r.returncode == 2 and error_line(r.stderr) == "generate: error: nope.npy: reference codes file not found"
 
 
 def test_decode_only_codec_refuses_to_encode_and_is_strict(codec, tmp_path):
