@@ -218,7 +218,10 @@ def test_adapter_unmerged_equals_its_merged_export(base, codec, adapter, tmp_pat
     (["--text", "Hi.", "--ref_codes", "bad.npy", "--ref_text", "r"], "bad.npy: not a readable .npy file"),
     (["--text", "Hi.", "--ref_audio", "missing.wav", "--ref_text", "r"], "missing.wav: audio file not found"),
     (["--text", "Hi.", "--ref_audio", "bad.wav", "--ref_text", "r"], "bad.wav: cannot decode audio"),
-    (["--text", "Hi.", "--ref_codes", "good.npy"], "needs its transcript"),
+    (["--text", "Hi.", "--ref_codes", "good.npy"], "error: --ref_text: missing: the reference audio (ref_codes) needs"),
+    (["--text", "Hi.", "--ref_audio", "bad.wav"], "error: --ref_text: missing: the reference audio (ref_audio) needs"),
+    (["--text", "Hi.", "--ref_text", "r"], "error: --ref_text: a transcript without a reference audio"),
+    (["--text", "Hi.", "--ref_codes", "good.npy", "--ref_sample", "x", "--ref_text", "r"], "error: --ref_sample: give one"),
     (["--text", "Hi.", "--ref_sample", "nope", "--shards", "SHARDS"], "unknown sample id 'nope'"),
     (["--text", ""], "tokenizes to nothing"),
     (["--text", "   "], None),  # whitespace is text to the tokenizer: no error
@@ -314,3 +317,71 @@ def test_reference_wav_is_encoded_with_the_full_codec(base, tok, tmp_path, capsy
     assert c1 == c2 == 0, (e1, e2)
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     assert codes.shape == (8, 25)
+
+
+# ---- what generate says it loaded, and the codec a run was made with ------------------------------------------
+def recorded_shards(tmp_path, tok, codec) -> "Path":
+    """Prepared shards whose index.json records `codec`, as prep records the one it was run with."""
+    enc = encode_chatml(parse_chatml(tts_sample("Words.", "x.wav")), tok)
+    shards = make_shards(tmp_path / "shards", [Sample(torch.tensor(enc.input_ids), torch.tensor(enc.label_ids),
+                                                      [torch.zeros(8, 3, dtype=torch.long)], sample_id="only")])
+    index = json.loads((shards / "index.json").read_text())
+    (shards / "index.json").write_text(json.dumps({**index, "codec": str(codec)}))
+    return shards
+
+
+def test_codec_defaults_to_the_one_recorded_with_the_shards(base, codec, tok, tmp_path, capsys):
+    shards = recorded_shards(tmp_path, tok, codec)
+    code, out, err = run_cli(["--base_ckpt", str(base), "--shards", str(shards), "--ref_sample", "only", "--text",
+                              "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"], capsys)
+    assert code == 0, err
+    assert err.splitlines() == [f"base: {base.resolve()}",
+                                f"codec: {codec.resolve()} (recorded in {(shards / 'index.json').resolve()})"]
+    assert (tmp_path / "x.wav").is_file()
+
+
+def test_codec_defaults_to_the_one_of_the_adapters_run(base, codec, adapter, tok, tmp_path, capsys):
+    """An adapter in a run directory (final/, best/ or checkpoints/step-N): the run's --sample_codec, else the codec
+    recorded in its --train_manifest shards. The loaded base, adapter and codec are named, resolved."""
+    import shutil
+
+    shards = recorded_shards(tmp_path, tok, codec)
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "final")
+    step = run / "checkpoints" / "step-00000004"
+    shutil.copytree(adapter, step)
+    (step / "train_args.json").write_text(json.dumps({"argv": [], "args": {"train_manifest": str(shards)}}))
+    argv = ["--text", "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"]
+    for adapter_dir in (run / "final", step):
+        code, _, err = run_cli(["--adapter", str(adapter_dir), *argv], capsys)
+        assert code == 0, err
+        assert err.splitlines() == [
+            f"base: {base.resolve()} (recorded in {adapter_dir.resolve() / 'adapter_config.json'})",
+            f"adapter: {adapter_dir.resolve()}",
+            f"codec: {codec.resolve()} (recorded in {(shards / 'index.json').resolve()})"]
+    # the run's own --sample_codec comes first; one that is gone is named with where it was recorded
+    gone = tmp_path / "gone_codec"
+    (step / "train_args.json").write_text(json.dumps({"args": {"train_manifest": str(shards),
+                                                               "sample_codec": str(gone)}}))
+    code, _, err = run_cli(["--adapter", str(run / "final"), *argv], capsys)
+    line = error_line(err)
+    assert code == 2 and str(gone) in line and f"recorded in {(step / 'train_args.json').resolve()}" in line
+    assert "--codec" in line
+    # an explicit --codec wins over every record
+    code, _, err = run_cli(["--adapter", str(run / "final"), "--codec", str(codec), *argv], capsys)
+    assert code == 0 and f"codec: {codec.resolve()} (--codec)" in err.splitlines()
+
+
+def test_the_progress_bar_counts_decoding_steps_and_ends_where_generation_stops(base, codec, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A generation that stops before --max_new_frames: the bar ends at its last step, not at 1 of 40."""
+    import minihiggs.generate.speak as speak_mod
+
+    audio_out = 128016  # <|AUDIO_OUT|>: the token of the first (AUDIO_INIT) step, made a stop token here
+    monkeypatch.setattr(speak_mod, "stop_token_ids", lambda tok: (audio_out,))
+    code, out, err = generate_main(["--base_ckpt", str(base), "--codec", str(codec), "--text", "Hi.", "--out",
+                                    str(tmp_path / "x.wav"), "--max_new_frames", "40"]), *capsys.readouterr()
+    assert code == 0, err
+    states = [seg for seg in err.replace("\r", "\n").splitlines() if "speak:" in seg]  # each redraw of the bar
+    assert "0/40 " in states[0] and "1/1 " in states[-1] and "step" in states[-1], err
+    assert "1 decoding steps, stop: stop_token" in out
