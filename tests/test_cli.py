@@ -21,6 +21,7 @@ class Demo:
     base_ckpt: str | None = flag(None, "base checkpoint", "data", aliases=("--base",))
     workers: int | None = flag(None, "worker processes (default: 2 on CUDA, 0 on CPU)", "runtime")
     steps: int = flag(10, "optimizer steps", "runtime")
+    frames: int = flag(500, "decoding steps (default: 20 s of audio)", "runtime")
     lr: float = flag(2e-4, "learning rate", "runtime")
     targets: list[str] | None = flag(None, "module names", "runtime")
     strict: bool = flag(False, "fail on any skipped entry")
@@ -53,12 +54,13 @@ def test_help_states_each_default_once_and_only_where_it_informs():
     fmt = ap._get_formatter()
     shown = {a.dest: fmt._expand_help(a) for a in ap._actions if a.help}
     assert shown["workers"] == "worker processes (default: 2 on CUDA, 0 on CPU)"  # not a second "(default: None)"
+    assert shown["frames"] == "decoding steps (default: 20 s of audio)"  # not a second "(default: 500)"
     assert shown["steps"] == "optimizer steps (default: 10)"
     assert shown["lr"] == "learning rate (default: 0.0002)"
     assert shown["mode"] == "how (default: fast)"
     for name in ("src", "base_ckpt", "targets", "strict", "compile"):  # required / None / False: nothing to add
         assert "default" not in shown[name], shown[name]
-    assert " ".join(text.split()).count("(default:") == 4  # (the help text is wrapped at the terminal width)
+    assert " ".join(text.split()).count("(default:") == 5  # (the help text is wrapped at the terminal width)
     body = text.split("\n\n", 1)[1]  # after the usage lines
     assert body.index("data:") < body.index("--src") < body.index("runtime:") < body.index("--workers")
 

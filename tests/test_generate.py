@@ -221,7 +221,8 @@ def test_adapter_unmerged_equals_its_merged_export(base, codec, adapter, tmp_pat
     (["--text", "Hi.", "--ref_codes", "good.npy"], "error: --ref_text: missing: the reference audio (ref_codes) needs"),
     (["--text", "Hi.", "--ref_audio", "bad.wav"], "error: --ref_text: missing: the reference audio (ref_audio) needs"),
     (["--text", "Hi.", "--ref_text", "r"], "error: --ref_text: a transcript without a reference audio"),
-    (["--text", "Hi.", "--ref_codes", "good.npy", "--ref_sample", "x", "--ref_text", "r"], "error: --ref_sample: give one"),
+    (["--text", "Hi.", "--ref_codes", "good.npy", "--ref_sample", "x", "--ref_text", "r"],
+     "error: --ref_sample: give one"),
     (["--text", "Hi.", "--ref_sample", "nope", "--shards", "SHARDS"], "unknown sample id 'nope'"),
     (["--text", ""], "tokenizes to nothing"),
     (["--text", "   "], None),  # whitespace is text to the tokenizer: no error
@@ -320,7 +321,7 @@ def test_reference_wav_is_encoded_with_the_full_codec(base, tok, tmp_path, capsy
 
 
 # ---- what generate says it loaded, and the codec a run was made with ------------------------------------------
-def recorded_shards(tmp_path, tok, codec) -> "Path":
+def recorded_shards(tmp_path, tok, codec):
     """Prepared shards whose index.json records `codec`, as prep records the one it was run with."""
     enc = encode_chatml(parse_chatml(tts_sample("Words.", "x.wav")), tok)
     shards = make_shards(tmp_path / "shards", [Sample(torch.tensor(enc.input_ids), torch.tensor(enc.label_ids),
