@@ -72,3 +72,16 @@ def test_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("tiny: error: no Llama-3 tokenizer files: pass --tokenizer DIR") and err.count("\n") == 1
     assert not (tmp_path / "t").exists()  # nothing half-made
+
+
+def test_the_readme_chatml_example_is_a_valid_training_line(tiny):
+    """README "First hour" shows one manifest line (spread over lines for reading): it parses and trains audio."""
+    import re
+
+    from minihiggs.text.chatml import encode_chatml, parse_chatml
+    from minihiggs.text.tokenizer import TextTokenizer
+
+    section = (REPO / "README.md").read_text().split("## First hour", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```json\n(.*?)```", section, flags=re.S)
+    enc = encode_chatml(parse_chatml(json.loads(block)), TextTokenizer.from_dir(tiny / "base"))
+    assert enc.input_ids.count(128016) == 1 and 128016 in enc.label_ids  # one trained <|AUDIO_OUT|>
