@@ -33,7 +33,12 @@ already says what the default is (it mentions "default").
 Endings (`run`): the command's function returns None (exit 0) or an exit code. A `UserError` (bad input a
 person can fix) becomes one `<prog>: error: <message>` line on stderr (a message of several lines is joined with
 "; ") and exit code 2, the code argparse uses for a malformed flag; a Ctrl-C (`KeyboardInterrupt`) becomes
-`<prog>: interrupted` and exit code 130; anything else is a bug and keeps its traceback.
+`<prog>: interrupted` and exit code 130; anything else is a bug and keeps its traceback. A command with endings
+of its own (train.py's signal-stop, which saves a checkpoint and exits 0) handles them inside its function and
+returns the code.
+
+Field metadata is `{"help", "group", "aliases", **add_argument keywords}`, so `TrainConfig`'s fields (declared
+with `help`, `group` and argparse keywords) are read by `build_parser(TrainConfig, prog="train.py")` as they are.
 """
 
 from __future__ import annotations

@@ -259,6 +259,22 @@ def test_adapter_for_another_base_is_named(base, codec, adapter, tmp_path, capsy
     assert code == 2 and "not a LoRA adapter directory" in error_line(err)
 
 
+def test_an_adapter_refused_by_its_loader_keeps_its_own_message(base, codec, adapter, tmp_path, capsys, monkeypatch):
+    """A UserError of the adapter loader (e.g. an adapter already merged into this checkpoint, or an unsupported
+    PEFT feature) is shown as it is, not reworded as "made for another base checkpoint"."""
+    import minihiggs.generate.loading as loading
+    from minihiggs.errors import AdapterError
+
+    def refuse(model, adir):
+        raise AdapterError(f"{adir}: already merged into this checkpoint; stacking it twice would apply it twice")
+
+    monkeypatch.setattr(loading, "load_adapter", refuse)
+    code, _, err = run_cli(["--base_ckpt", str(base), "--adapter", str(adapter), "--codec", str(codec), "--text",
+                            "Hi.", "--out", str(tmp_path / "x.wav")], capsys)
+    assert code == 2 and error_line(err) == (f"generate: error: {adapter}: already merged into this checkpoint; "
+                                             f"stacking it twice would apply it twice")
+
+
 def test_command_runs_as_a_module(base, codec, tmp_path):
     """The real entry point (`python -m minihiggs.generate`), with a progress bar on stderr and a user error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, CheckpointError
+from ..errors import AdapterError, CheckpointError, UserError
 from ..hub import is_repo_id
 from ..lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config, resolve_adapter_dir
 from ..lora.apply import merge_lora
@@ -71,7 +71,9 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
     log(f"adapter: {adir.resolve()}")
     try:
         load_adapter(model, adir)
-    except (KeyError, ValueError) as e:
+    except UserError:
+        raise  # (its message says what is wrong: e.g. an adapter already merged into this checkpoint)
+    except (KeyError, ValueError) as e:  # names or shapes that do not fit this base
         msg = e.args[0] if e.args else e
         made_for = f"it was trained on {recorded}" if recorded else "it records no base checkpoint"
         raise AdapterError(f"{adir}: this adapter was made for another base checkpoint ({made_for}), not "
