@@ -357,7 +357,7 @@ def test_codec_defaults_to_the_one_recorded_with_the_shards(base, codec, tok, tm
     assert (tmp_path / "x.wav").is_file()
 
 
-def test_codec_defaults_to_the_one_of_the_adapters_run(base, codec, adapter, tok, tmp_path, capsys):
+def test_codec_defaults_to_the_one_of_the_adapters_run(base, codec, adapter, tok, tmp_path, capsys, monkeypatch):
     """An adapter in a run directory (final/, best/ or checkpoints/step-N): the run's --sample_codec, else the codec
     recorded in its --train_manifest shards. The loaded base, adapter and codec are named, resolved."""
     import shutil
@@ -384,6 +384,16 @@ def test_codec_defaults_to_the_one_of_the_adapters_run(base, codec, adapter, tok
     line = error_line(err)
     assert code == 2 and str(gone) in line and f"recorded in {(step / 'train_args.json').resolve()}" in line
     assert "--codec" in line
+    # nothing records one (an adapter outside a run): the released tokenizer, named as the default in its error
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    code, _, err = run_cli(["--adapter", str(adapter), *argv], capsys)
+    line = error_line(err)
+    assert code == 2 and "bosonai/higgs-audio-v2-tokenizer" in line, line
+    assert "(the audio tokenizer: the default, as neither --shards nor the adapter's run records one; " in line
     # an explicit --codec wins over every record
     code, _, err = run_cli(["--adapter", str(run / "final"), "--codec", str(codec), *argv], capsys)
     assert code == 0 and f"codec: {codec.resolve()} (--codec)" in err.splitlines()

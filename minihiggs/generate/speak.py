@@ -130,7 +130,8 @@ class References:
     """Resolves an item's voice reference to (transcript, codes); loads the encoder / shards only when needed."""
 
     def __init__(self, tok, cfg, codec_name: str, device, shards: str | None, codec_origin: str = ""):
-        """`codec_origin`: why this codec (e.g. "recorded in .../index.json"), added to its loading errors."""
+        """`codec_origin`: why this codec when --codec did not name it (e.g. "recorded in .../index.json"), added
+        to its loading errors."""
         self.tok, self.cfg, self.codec_name, self.device, self.shards_path = tok, cfg, codec_name, device, shards
         self.codec_origin = codec_origin
         self._encoder = None
@@ -143,7 +144,8 @@ class References:
         except UserError as e:
             if not self.codec_origin:
                 raise
-            raise CheckpointError(f"{e} (the audio tokenizer {self.codec_origin}; choose one with --codec)") from None
+            raise CheckpointError(f"{e} (the audio tokenizer: {self.codec_origin}; choose one with --codec)") \
+                from None
 
     def encoder(self):
         if self._encoder is None:
@@ -232,7 +234,7 @@ def choose_codec(cfg: SpeakConfig) -> tuple[str, str]:
     found = recorded_codec(cfg.shards, cfg.adapter)
     if found:
         return found[0], f"recorded in {found[1]}"
-    return DEFAULT_CODEC_REPO, "the default: nothing records one"
+    return DEFAULT_CODEC_REPO, "the default, as neither --shards nor the adapter's run records one"
 
 
 def note(msg: str) -> None:
