@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras lint demo speak prep train plot bench-codec bench bench-generate clean
+.PHONY: venv test test-extras lint demo speak smoke prep train plot bench-codec bench bench-generate clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,20 @@ speak: $(STAMP)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache
+
+# make smoke [TINY=tiny]: README "First hour": the offline smoke test on small random files (CPU, about a minute).
+# `python -m minihiggs.tiny --out $(TINY)` writes base/, codec/ and data/ (here when they are missing); then prep,
+# 20 training steps (no audio samples) and generate with the run's adapter, whose codec comes from the run's shards.
+TINY ?= tiny
+smoke: $(STAMP)
+	test -d $(TINY)/base || $(PY) -m minihiggs.tiny --out $(TINY)
+	rm -rf $(TINY)/shards $(TINY)/run
+	$(PY) prep.py --manifest $(TINY)/data/train.jsonl --out $(TINY)/shards --base_ckpt $(TINY)/base \
+	    --codec $(TINY)/codec --no_progress
+	$(PY) train.py --train_manifest $(TINY)/shards --output_dir $(TINY)/run --base_ckpt $(TINY)/base \
+	    --max_steps 20 --batch_size 4 --lr 3e-3 --log_steps 5 --val_steps 10 --save_steps 10 --sample_steps 0
+	$(PY) -m minihiggs.generate --adapter $(TINY)/run/final --text "Hello from a tiny model." \
+	    --ref_sample ava_000 --shards $(TINY)/shards --out $(TINY)/hello.wav --max_new_frames 100 --no_progress
 
 # make prep MANIFEST=data/train.jsonl OUT=data/prepared [ARGS="--workers 4 --voice_clone"]
 prep: $(STAMP)

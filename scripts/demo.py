@@ -35,8 +35,6 @@ sys.path.insert(0, str(REPO))
 OUT = REPO / "demo_out"
 PY = sys.executable
 SPEAKERS = {"ava": 180.0, "ben": 110.0, "cleo": 240.0, "dan": 140.0}  # name -> f0 of the synthetic voice
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing softly in warm morning light "
-         "near an old stone bridge by the quiet river").split()
 UTTERANCES_PER_SPEAKER = 18
 STEPS = 60
 # minihiggs.model.tiny draws every weight with std 0.02. Behind the final RMSNorm (|h| ~ sqrt(hidden) = 8) such frozen
@@ -66,58 +64,6 @@ def scale_heads(weights: Path, factor: float) -> None:
     save_file(sd, str(weights), metadata={"format": "pt"})
 
 
-def scene(name: str) -> str:
-    return f"Audio is recorded from a quiet room. Speaker: {name}."
-
-
-def write_dataset(data: Path) -> tuple[Path, dict]:
-    """WAVs + code .npy files + a ChatML jsonl manifest in the voice-clone layout (each utterance has another
-    utterance of its speaker as the untrained reference, as `prep.py --voice_clone` pairs them). Returns the
-    manifest path and, per speaker, its motif [8, 6], a reference utterance (text, codes file) and a held-out
-    sentence (in no training sample)."""
-    import soundfile as sf
-
-    from minihiggs.text.chatml import tts_sample
-
-    rng = np.random.default_rng(0)
-    (data / "wavs").mkdir(parents=True)
-    (data / "codes").mkdir()
-    lines = []
-    speakers: dict = {}
-    held = np.random.default_rng(1)  # (a separate stream: the training data stays what it was)
-    for s, (name, f0) in enumerate(SPEAKERS.items()):
-        # the speaker's "voice" in code space: per codebook a 6-frame motif over a 12-code alphabet
-        alphabet = rng.choice(1024, size=(8, 12), replace=False)
-        motif = alphabet[np.arange(8)[:, None], rng.integers(0, 12, size=(8, 6))]
-        utts = []
-        for u in range(UTTERANCES_PER_SPEAKER):
-            n_words = int(rng.integers(4, 10))
-            text = " ".join(rng.choice(WORDS, size=n_words)).capitalize() + "."
-            frames = 5 * n_words + int(rng.integers(0, 6))  # 25 frames per second
-            codes = np.tile(motif, (1, frames // 6 + 1))[:, :frames].astype(np.int64)
-            noise = rng.random(codes.shape) < 0.05  # a few off-pattern codes, like real speech
-            codes[noise] = rng.integers(0, 1024, size=int(noise.sum()))
-            t = np.arange(frames * 960) / 24000.0  # 24 kHz, 960 samples per code frame
-            wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3)) * 0.2
-            wave *= 0.6 + 0.4 * np.sin(2 * np.pi * 3.0 * t) ** 2  # syllable-rate amplitude envelope
-            uid = f"{name}_{u:03d}"
-            sf.write(data / "wavs" / f"{uid}.wav", wave.astype(np.float32), 24000)
-            np.save(data / "codes" / f"{uid}.npy", codes)
-            utts.append((uid, text))
-        for u, (uid, text) in enumerate(utts):
-            ref_uid, ref_text = utts[u - 1]  # the previous utterance (the first takes the last)
-            obj = tts_sample(text, f"wavs/{uid}.wav", scene=scene(name), reference=(ref_text, f"wavs/{ref_uid}.wav"),
-                             speaker=name, sample_id=uid)
-            obj["messages"][2]["content"][0]["audio_codes"] = f"codes/{ref_uid}.npy"
-            obj["messages"][-1]["content"][0]["audio_codes"] = f"codes/{uid}.npy"
-            lines.append(json.dumps(obj))
-        speakers[name] = {"motif": motif, "heldout": " ".join(held.choice(WORDS, size=7)).capitalize() + ".",
-                          "ref": (utts[0][1], data / "codes" / f"{utts[0][0]}.npy")}
-    manifest = data / "train.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest, speakers
-
-
 def motif_share(codes: np.ndarray, motif: np.ndarray) -> float:
     """Share of generated codes (codebook k, frame t >= 1) that continue `motif` from frame t-1: code t equals the
     motif's next entry after some position holding code t-1 (the motif repeats with period 6)."""
@@ -137,7 +83,9 @@ def speak(base: Path, adapter: Path, codec: Path, speakers: dict, out: Path) -> 
     """Greedy generation for each speaker's held-out sentence, base vs fine-tuned; returns the motif shares."""
     prompts = out / "prompts.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps({"text": v["heldout"], "name": name, "scene": scene(name),
+    from minihiggs.tiny import voice_scene
+
+    prompts.write_text("".join(json.dumps({"text": v["heldout"], "name": name, "scene": voice_scene(name),
                                            "ref_text": v["ref"][0], "ref_codes": str(v["ref"][1])}) + "\n"
                                for name, v in speakers.items()))
     # Greedy, and RAS off: the motif repeats every 6 frames, so upstream's RAS (7/2) would redraw exactly the
@@ -185,8 +133,10 @@ def main() -> int:
 
     codec = write_random_decoder(OUT / "codec")  # decode-only, random: see the module docstring
 
+    from minihiggs.tiny import write_voices
+
     print("== 2. synthetic speakers (WAV + precomputed codes) ->", OUT / "data")
-    manifest, speakers = write_dataset(OUT / "data")
+    manifest, speakers = write_voices(OUT / "data", SPEAKERS, UTTERANCES_PER_SPEAKER)
 
     print("== 3. prep")
     shards = OUT / "shards"

@@ -69,6 +69,16 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+NOTES = ("base: ", "adapter: ", "codec: ", "note: ")  # what generate says it loaded, before any error
+
+
+def error_line(err: str) -> str:
+    """The one `generate: error:` line, checked to be the last line of stderr after the loading notes only."""
+    *notes, last = err.strip().splitlines()
+    assert last.startswith("generate: error: ") and all(n.startswith(NOTES) for n in notes), err
+    return last
+
+
 # ---- prompts ------------------------------------------------------------------------------------------------------
 def test_tts_prompt_is_the_training_layout_plus_the_serve_postfix(tok):
     """The voice-clone prompt = what prep writes for the same ChatML sample, minus the target audio turn, plus
@@ -208,7 +218,11 @@ def test_adapter_unmerged_equals_its_merged_export(base, codec, adapter, tmp_pat
     (["--text", "Hi.", "--ref_codes", "bad.npy", "--ref_text", "r"], "bad.npy: not a readable .npy file"),
     (["--text", "Hi.", "--ref_audio", "missing.wav", "--ref_text", "r"], "missing.wav: audio file not found"),
     (["--text", "Hi.", "--ref_audio", "bad.wav", "--ref_text", "r"], "bad.wav: cannot decode audio"),
-    (["--text", "Hi.", "--ref_codes", "good.npy"], "needs its transcript"),
+    (["--text", "Hi.", "--ref_codes", "good.npy"], "error: --ref_text: missing: the reference audio (ref_codes) needs"),
+    (["--text", "Hi.", "--ref_audio", "bad.wav"], "error: --ref_text: missing: the reference audio (ref_audio) needs"),
+    (["--text", "Hi.", "--ref_text", "r"], "error: --ref_text: a transcript without a reference audio"),
+    (["--text", "Hi.", "--ref_codes", "good.npy", "--ref_sample", "x", "--ref_text", "r"],
+     "error: --ref_sample: give one"),
     (["--text", "Hi.", "--ref_sample", "nope", "--shards", "SHARDS"], "unknown sample id 'nope'"),
     (["--text", ""], "tokenizes to nothing"),
     (["--text", "   "], None),  # whitespace is text to the tokenizer: no error
@@ -230,9 +244,7 @@ def test_one_line_errors(extra, message, base, codec, tok, tmp_path, capsys, mon
     if message is None:
         assert code == 0, err
         return
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("generate: error: ") and message in lines[0], err
+    assert code == 2 and message in error_line(err), err
 
 
 def test_adapter_for_another_base_is_named(base, codec, adapter, tmp_path, capsys):
@@ -240,11 +252,27 @@ def test_adapter_for_another_base_is_named(base, codec, adapter, tmp_path, capsy
     write_higgs_tokenizer(LLAMA_DIR, other)
     code, _, err = run_cli(["--base_ckpt", str(other), "--adapter", str(adapter), "--codec", str(codec),
                             "--text", "Hi.", "--out", str(tmp_path / "x.wav")], capsys)
-    assert code == 2 and err.count("\n") == 1
-    assert "made for another base checkpoint" in err and str(base) in err and str(other) in err
+    line = error_line(err)
+    assert code == 2 and "made for another base checkpoint" in line and str(base) in line and str(other) in line
     code, _, err = run_cli(["--adapter", str(tmp_path), "--codec", str(codec), "--text", "Hi.", "--out",
                             str(tmp_path / "x.wav")], capsys)
-    assert code == 2 and "not a LoRA adapter directory" in err
+    assert code == 2 and "not a LoRA adapter directory" in error_line(err)
+
+
+def test_an_adapter_refused_by_its_loader_keeps_its_own_message(base, codec, adapter, tmp_path, capsys, monkeypatch):
+    """A UserError of the adapter loader (e.g. an adapter already merged into this checkpoint, or an unsupported
+    PEFT feature) is shown as it is, not reworded as "made for another base checkpoint"."""
+    import minihiggs.generate.loading as loading
+    from minihiggs.errors import AdapterError
+
+    def refuse(model, adir):
+        raise AdapterError(f"{adir}: already merged into this checkpoint; stacking it twice would apply it twice")
+
+    monkeypatch.setattr(loading, "load_adapter", refuse)
+    code, _, err = run_cli(["--base_ckpt", str(base), "--adapter", str(adapter), "--codec", str(codec), "--text",
+                            "Hi.", "--out", str(tmp_path / "x.wav")], capsys)
+    assert code == 2 and error_line(err) == (f"generate: error: {adapter}: already merged into this checkpoint; "
+                                             f"stacking it twice would apply it twice")
 
 
 def test_command_runs_as_a_module(base, codec, tmp_path):
@@ -254,11 +282,12 @@ def test_command_runs_as_a_module(base, codec, tmp_path):
     r = subprocess.run(env_cmd + ["--text", "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"],
                        cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "x.wav").is_file() and "frame" in r.stderr  # tqdm's unit
+    assert (tmp_path / "x.wav").is_file() and "12/12" in r.stderr and "step/s" in r.stderr  # tqdm: steps counted
+    assert "12 decoding steps, stop: max_new_tokens" in r.stdout
     r = subprocess.run(env_cmd + ["--text", "Hi.", "--out", str(tmp_path / "y.wav"), "--ref_codes", "nope.npy",
                                   "--ref_text", "x"], cwd=REPO, capture_output=True, text=True,
                        env=env)
-    assert r.returncode == 2 and r.stderr.strip() == "generate: error: nope.npy: reference codes file not found"
+    assert r.returncode == 2 and error_line(r.stderr) == "generate: error: nope.npy: reference codes file not found"
 
 
 def test_decode_only_codec_refuses_to_encode_and_is_strict(codec, tmp_path):
@@ -305,3 +334,81 @@ def test_reference_wav_is_encoded_with_the_full_codec(base, tok, tmp_path, capsy
     assert c1 == c2 == 0, (e1, e2)
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     assert codes.shape == (8, 25)
+
+
+# ---- what generate says it loaded, and the codec a run was made with ------------------------------------------
+def recorded_shards(tmp_path, tok, codec):
+    """Prepared shards whose index.json records `codec`, as prep records the one it was run with."""
+    enc = encode_chatml(parse_chatml(tts_sample("Words.", "x.wav")), tok)
+    shards = make_shards(tmp_path / "shards", [Sample(torch.tensor(enc.input_ids), torch.tensor(enc.label_ids),
+                                                      [torch.zeros(8, 3, dtype=torch.long)], sample_id="only")])
+    index = json.loads((shards / "index.json").read_text())
+    (shards / "index.json").write_text(json.dumps({**index, "codec": str(codec)}))
+    return shards
+
+
+def test_codec_defaults_to_the_one_recorded_with_the_shards(base, codec, tok, tmp_path, capsys):
+    shards = recorded_shards(tmp_path, tok, codec)
+    code, out, err = run_cli(["--base_ckpt", str(base), "--shards", str(shards), "--ref_sample", "only", "--text",
+                              "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"], capsys)
+    assert code == 0, err
+    assert err.splitlines() == [f"base: {base.resolve()}",
+                                f"codec: {codec.resolve()} (recorded in {(shards / 'index.json').resolve()})"]
+    assert (tmp_path / "x.wav").is_file()
+
+
+def test_codec_defaults_to_the_one_of_the_adapters_run(base, codec, adapter, tok, tmp_path, capsys, monkeypatch):
+    """An adapter in a run directory (final/, best/ or checkpoints/step-N): the run's --sample_codec, else the codec
+    recorded in its --train_manifest shards. The loaded base, adapter and codec are named, resolved."""
+    import shutil
+
+    shards = recorded_shards(tmp_path, tok, codec)
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "final")
+    step = run / "checkpoints" / "step-00000004"
+    shutil.copytree(adapter, step)
+    (step / "train_args.json").write_text(json.dumps({"argv": [], "args": {"train_manifest": str(shards)}}))
+    argv = ["--text", "Hi.", "--out", str(tmp_path / "x.wav"), "--max_new_frames", "12"]
+    for adapter_dir in (run / "final", step):
+        code, _, err = run_cli(["--adapter", str(adapter_dir), *argv], capsys)
+        assert code == 0, err
+        assert err.splitlines() == [
+            f"base: {base.resolve()} (recorded in {adapter_dir.resolve() / 'adapter_config.json'})",
+            f"adapter: {adapter_dir.resolve()}",
+            f"codec: {codec.resolve()} (recorded in {(shards / 'index.json').resolve()})"]
+    # the run's own --sample_codec comes first; one that is gone is named with where it was recorded
+    gone = tmp_path / "gone_codec"
+    (step / "train_args.json").write_text(json.dumps({"args": {"train_manifest": str(shards),
+                                                               "sample_codec": str(gone)}}))
+    code, _, err = run_cli(["--adapter", str(run / "final"), *argv], capsys)
+    line = error_line(err)
+    assert code == 2 and str(gone) in line and f"recorded in {(step / 'train_args.json').resolve()}" in line
+    assert "--codec" in line
+    # nothing records one (an adapter outside a run): the released tokenizer, named as the default in its error
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    code, _, err = run_cli(["--adapter", str(adapter), *argv], capsys)
+    line = error_line(err)
+    assert code == 2 and "bosonai/higgs-audio-v2-tokenizer" in line, line
+    assert "(the audio tokenizer: the default, as neither --shards nor the adapter's run records one; " in line
+    # an explicit --codec wins over every record
+    code, _, err = run_cli(["--adapter", str(run / "final"), "--codec", str(codec), *argv], capsys)
+    assert code == 0 and f"codec: {codec.resolve()} (--codec)" in err.splitlines()
+
+
+def test_the_progress_bar_counts_decoding_steps_and_ends_where_generation_stops(base, codec, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A generation that stops before --max_new_frames: the bar ends at its last step, not at 1 of 40."""
+    import minihiggs.generate.speak as speak_mod
+
+    audio_out = 128016  # <|AUDIO_OUT|>: the token of the first (AUDIO_INIT) step, made a stop token here
+    monkeypatch.setattr(speak_mod, "stop_token_ids", lambda tok: (audio_out,))
+    code, out, err = generate_main(["--base_ckpt", str(base), "--codec", str(codec), "--text", "Hi.", "--out",
+                                    str(tmp_path / "x.wav"), "--max_new_frames", "40"]), *capsys.readouterr()
+    assert code == 0, err
+    states = [seg for seg in err.replace("\r", "\n").splitlines() if "speak:" in seg]  # each redraw of the bar
+    assert "0/40 " in states[0] and "1/1 " in states[-1] and "step" in states[-1], err
+    assert "1 decoding steps, stop: stop_token" in out

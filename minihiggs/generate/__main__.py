@@ -10,52 +10,60 @@ The work is `minihiggs.generate.speak.speak`; bad input ends in one `generate: e
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
+from ..cli import flag, parse_flags, run
 from ..constants import DEFAULT_CODEC_REPO
-from ..errors import UserError
 from ..text.chatml import DEFAULT_SCENE
 
+PROG = "generate"  # the name in error lines
 
-def parse_args(argv: list[str] | None = None):
+
+@dataclass
+class GenerateArgs:
+    # -- model
+    base_ckpt: str | None = flag(None, "base (or merged) checkpoint dir or Hub id; default: the adapter's recorded "
+                                       "base", "model")
+    adapter: str | None = flag(None, "LoRA adapter dir: a run's best/, final/ or checkpoints/step-N", "model")
+    codec: str | None = flag(None, "audio tokenizer dir or Hub id (default: the one recorded with --shards or with "
+                                   f"the adapter's run, else {DEFAULT_CODEC_REPO})", "model")
+    device: str | None = flag(None, "cuda / cpu (default: cuda when available)", "model")
+    dtype: str | None = flag(None, "model dtype (default: bf16 on GPU, fp32 on CPU)", "model",
+                             choices=["bf16", "bfloat16", "fp32", "float32"])
+    # -- what to say
+    text: str | None = flag(None, "the text to speak", "what to say")
+    out: str | None = flag(None, "output WAV (the codes go beside it as .npy)", "what to say")
+    scene: str = flag(DEFAULT_SCENE, "scene description of the system prompt ('' for none)", "what to say")
+    ref_audio: str | None = flag(None, "voice reference WAV (encoded with --codec)", "what to say")
+    ref_codes: str | None = flag(None, "voice reference as codes .npy [8, frames]", "what to say")
+    ref_text: str | None = flag(None, "transcript of the reference", "what to say")
+    ref_sample: str | None = flag(None, "a prepared sample id as the reference (with --shards)", "what to say")
+    shards: str | None = flag(None, "prepared shard directory (prep.py --out) for --ref_sample", "what to say")
+    prompts: str | None = flag(None, "JSONL of {text, name, ref_audio|ref_codes|ref_sample, ref_text, scene, seed}, "
+                                     "one request per line", "what to say")
+    out_dir: str | None = flag(None, "output directory for --prompts", "what to say")
+    batch_size: int = flag(8, "prompts decoded together", "what to say")
+    # -- decoding
+    temperature: float = flag(0.7, "0: greedy", "decoding (upstream serve-engine semantics)")
+    top_k: int | None = flag(None, "keep the k best (0 / unset: off)", "decoding (upstream serve-engine semantics)")
+    top_p: float = flag(0.95, "nucleus mass (1: off)", "decoding (upstream serve-engine semantics)")
+    seed: int | None = flag(None, "sampling seed (one generator per prompt)", "decoding (upstream serve-engine "
+                                                                               "semantics)")
+    ras_win: int = flag(7, "repetition-aware sampling window (0: off)", "decoding (upstream serve-engine semantics)")
+    ras_max_repeat: int = flag(2, "RAS: redraw a code seen this often in the window",
+                               "decoding (upstream serve-engine semantics)")
+    max_new_frames: int = flag(1024, "decoding steps at most (upstream's max_new_tokens: each audio frame and each "
+                                     "text token is one; 25 frames per second of audio)",
+                               "decoding (upstream serve-engine semantics)")
+    no_progress: bool = flag(False, "no progress bar", "decoding (upstream serve-engine semantics)")
+
+
+def speak_config(a: GenerateArgs):
+    """The flags as `speak`'s SpeakConfig."""
     from .sampling import SamplingConfig
     from .speak import SpeakConfig
 
-    ap = argparse.ArgumentParser(prog="python -m minihiggs.generate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = ap.add_argument_group("model")
-    m.add_argument("--base_ckpt", default=None, help="base (or merged) checkpoint dir or Hub id; default: the "
-                                                     "adapter's recorded base")
-    m.add_argument("--adapter", default=None, help="LoRA adapter dir: a run's best/, final/ or checkpoints/step-N")
-    m.add_argument("--codec", default=DEFAULT_CODEC_REPO, help="audio tokenizer dir or Hub id")
-    m.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    m.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp32", "float32"],
-                   help="model dtype (default: bf16 on GPU, fp32 on CPU)")
-    r = ap.add_argument_group("what to say")
-    r.add_argument("--text", default=None, help="the text to speak")
-    r.add_argument("--out", default=None, help="output WAV (the codes go beside it as .npy)")
-    r.add_argument("--scene", default=DEFAULT_SCENE, help="scene description of the system prompt ('' for none)")
-    r.add_argument("--ref_audio", default=None, help="voice reference WAV (encoded with --codec)")
-    r.add_argument("--ref_codes", default=None, help="voice reference as codes .npy [8, frames]")
-    r.add_argument("--ref_text", default=None, help="transcript of the reference")
-    r.add_argument("--ref_sample", default=None, help="a prepared sample id as the reference (with --shards)")
-    r.add_argument("--shards", default=None, help="prepared shard directory (prep.py --out) for --ref_sample")
-    r.add_argument("--prompts", default=None, help="JSONL of {text, name, ref_audio|ref_codes|ref_sample, "
-                                                   "ref_text, scene, seed}, one request per line")
-    r.add_argument("--out_dir", default=None, help="output directory for --prompts")
-    r.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
-    s = ap.add_argument_group("decoding (upstream serve-engine semantics)")
-    s.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    s.add_argument("--top_k", type=int, default=None, help="keep the k best (0 / unset: off)")
-    s.add_argument("--top_p", type=float, default=0.95, help="nucleus mass (1: off)")
-    s.add_argument("--seed", type=int, default=None, help="sampling seed (one generator per prompt)")
-    s.add_argument("--ras_win", type=int, default=7, help="repetition-aware sampling window (0: off)")
-    s.add_argument("--ras_max_repeat", type=int, default=2, help="RAS: redraw a code seen this often in the window")
-    s.add_argument("--max_new_frames", type=int, default=1024,
-                   help="decoding iterations (upstream's max_new_tokens; 25 per second of audio)")
-    s.add_argument("--no_progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                               ras_win_len=a.ras_win, ras_win_max_num_repeat=a.ras_max_repeat)
     return SpeakConfig(base_ckpt=a.base_ckpt, adapter=a.adapter, text=a.text, out=a.out, ref_audio=a.ref_audio,
@@ -65,16 +73,15 @@ def parse_args(argv: list[str] | None = None):
                        dtype=a.dtype, progress=not a.no_progress)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def generate(argv: list[str] | None) -> None:
+    args = parse_flags(GenerateArgs, argv, prog="python -m minihiggs.generate", description=__doc__.split("\n\n")[0])
     from .speak import speak
 
-    try:
-        speak(cfg)
-    except UserError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    speak(speak_config(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(PROG, generate, argv)
 
 
 if __name__ == "__main__":

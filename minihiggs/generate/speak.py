@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,10 +24,10 @@ import torch
 
 from ..audio.io import load_audio
 from ..constants import CODEC_SAMPLE_RATE, DEFAULT_CODEC_REPO
-from ..errors import AudioError, GenerateError
+from ..errors import AudioError, CheckpointError, GenerateError, UserError
 from ..text.chatml import DEFAULT_SCENE
 from .engine import Engine, Request
-from .loading import load_codec, load_generation_model, load_tokenizer, stop_token_ids
+from .loading import load_codec, load_generation_model, load_tokenizer, recorded_codec, stop_token_ids
 from .output import write_generation
 from .prompt import Prompt, load_codes, reference_from_sample, tts_prompt
 from .sampling import SamplingConfig
@@ -53,7 +54,7 @@ class SpeakConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_frames: int = 1024
     batch_size: int = 8
-    codec: str = DEFAULT_CODEC_REPO
+    codec: str | None = None  # None: the one recorded with `shards` or the adapter's run (`choose_codec`)
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
@@ -73,6 +74,11 @@ class Item:
     ref_sample: str | None = None
     scene: str | None = DEFAULT_SCENE
     seed: int | None = None
+    from_flags: bool = False  # the request of --text (errors name the flag), not a prompts file line
+
+    def at(self, key: str) -> str:
+        """Where `key` was given, to start an error message: its flag, or the prompts file line."""
+        return f"--{key}" if self.from_flags else self.where
 
 
 def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> list[Item]:
@@ -123,20 +129,32 @@ def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> l
 class References:
     """Resolves an item's voice reference to (transcript, codes); loads the encoder / shards only when needed."""
 
-    def __init__(self, tok, cfg, codec_name: str, device, shards: str | None):
+    def __init__(self, tok, cfg, codec_name: str, device, shards: str | None, codec_origin: str = ""):
+        """`codec_origin`: why this codec when --codec did not name it (e.g. "recorded in .../index.json"), added
+        to its loading errors."""
         self.tok, self.cfg, self.codec_name, self.device, self.shards_path = tok, cfg, codec_name, device, shards
+        self.codec_origin = codec_origin
         self._encoder = None
         self._shards = None
         self._ids: dict[str, int] | None = None
 
+    def _load_codec(self, encode: bool):
+        try:
+            return load_codec(self.codec_name, self.device, encode=encode)
+        except UserError as e:
+            if not self.codec_origin:
+                raise
+            raise CheckpointError(f"{e} (the audio tokenizer: {self.codec_origin}; choose one with --codec)") \
+                from None
+
     def encoder(self):
         if self._encoder is None:
-            self._encoder = load_codec(self.codec_name, self.device, encode=True)
+            self._encoder = self._load_codec(encode=True)
         return self._encoder
 
     def decoder(self):
         """The audio tokenizer for decoding: the full one if references needed it, else a decode-only load."""
-        return self._encoder if self._encoder is not None else load_codec(self.codec_name, self.device)
+        return self._encoder if self._encoder is not None else self._load_codec(encode=False)
 
     def sample(self, sample_id: str, where: str):
         from ..data.dataset import ShardDataset
@@ -156,19 +174,21 @@ class References:
     def resolve(self, item: Item) -> tuple[str | list[int], torch.Tensor] | None:
         given = [k for k in ("ref_audio", "ref_codes", "ref_sample") if getattr(item, k)]
         if len(given) > 1:
-            raise GenerateError(f"{item.where}: give one reference (ref_audio, ref_codes or ref_sample), not "
+            raise GenerateError(f"{item.at(given[1])}: give one reference (ref_audio, ref_codes or ref_sample), not "
                                 f"{' and '.join(given)}")
         if not given:
             if item.ref_text:
-                raise GenerateError(f"{item.where}: ref_text without a reference audio (ref_audio / ref_codes)")
+                raise GenerateError(f"{item.at('ref_text')}: a transcript without a reference audio (give "
+                                    f"ref_audio, ref_codes or ref_sample too)")
             return None
         cfg = self.cfg
         if item.ref_sample:
-            text_ids, codes = reference_from_sample(self.sample(item.ref_sample, "--ref_sample" if item.where == "--text" else item.where), self.tok, cfg)
+            text_ids, codes = reference_from_sample(self.sample(item.ref_sample, item.at("ref_sample")), self.tok, cfg)
             text = item.ref_text if item.ref_text else text_ids
         else:
             if not item.ref_text:
-                raise GenerateError(f"{item.where}: a reference audio needs its transcript (ref_text / --ref_text)")
+                raise GenerateError(f"{item.at('ref_text')}: missing: the reference audio ({given[0]}) needs its "
+                                    f"transcript")
             text = item.ref_text
             if item.ref_codes:
                 codes = load_codes(item.ref_codes, cfg.audio_num_codebooks, cfg.audio_codebook_size)
@@ -182,9 +202,10 @@ class References:
                 except ValueError as e:  # too short to give a code frame
                     raise GenerateError(f"{item.ref_audio}: cannot encode the reference audio ({e})") from None
         if (self.tok.encode(text) if isinstance(text, str) else text) == []:
-            raise GenerateError(f"{item.where}: the reference transcript is empty")
+            raise GenerateError(f"{item.at('ref_text' if item.ref_text else given[0])}: the reference transcript is "
+                                f"empty")
         if codes.shape[1] == 0:
-            raise GenerateError(f"{item.where}: the reference audio has no code frames")
+            raise GenerateError(f"{item.at(given[0])}: the reference audio has no code frames")
         return text, codes
 
 
@@ -201,7 +222,24 @@ def _items(cfg: SpeakConfig) -> list[Item]:
         raise GenerateError("--text needs --out FILE.wav")
     out = Path(cfg.out)
     return [Item(text=cfg.text, out=out, where="--text", name=out.stem, ref_audio=cfg.ref_audio,
-                 ref_codes=cfg.ref_codes, ref_text=cfg.ref_text, ref_sample=cfg.ref_sample, scene=cfg.scene)]
+                 ref_codes=cfg.ref_codes, ref_text=cfg.ref_text, ref_sample=cfg.ref_sample, scene=cfg.scene,
+                 from_flags=True)]
+
+
+def choose_codec(cfg: SpeakConfig) -> tuple[str, str]:
+    """(audio tokenizer, why it was chosen): --codec, else the one recorded with --shards or the adapter's run,
+    else the released one."""
+    if cfg.codec:
+        return cfg.codec, "--codec"
+    found = recorded_codec(cfg.shards, cfg.adapter)
+    if found:
+        return found[0], f"recorded in {found[1]}"
+    return DEFAULT_CODEC_REPO, "the default, as neither --shards nor the adapter's run records one"
+
+
+def note(msg: str) -> None:
+    """What was loaded and why, on stderr (stdout lists the files written)."""
+    print(msg, file=sys.stderr)
 
 
 def default_device(device: str | None) -> torch.device:
@@ -233,15 +271,17 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
             raise AudioError(f"{it.ref_audio}: audio file not found")
     device = default_device(cfg.device)
     dtype = default_dtype(cfg.dtype, device)
-    model = load_generation_model(cfg.base_ckpt, cfg.adapter, device=device, dtype=dtype)
+    model = load_generation_model(cfg.base_ckpt, cfg.adapter, device=device, dtype=dtype, log=note)
     tok = load_tokenizer(model)
-    refs = References(tok, model.config, cfg.codec, device, cfg.shards)
+    codec_name, why = choose_codec(cfg)
+    refs = References(tok, model.config, codec_name, device, cfg.shards, "" if cfg.codec else why)
     requests = []
     for it in items:
         prompt: Prompt = tts_prompt(tok, it.text, scene=it.scene, reference=refs.resolve(it), name=it.where)
         sampling = cfg.sampling if it.seed is None else replace(cfg.sampling, seed=it.seed)
         requests.append(Request(prompt, sampling, cfg.max_new_frames))
     codec = refs.decoder()
+    note(f"codec: {Path(codec.checkpoint_dir).resolve()} ({why})")
     engine = Engine(model, stop_tokens=stop_token_ids(tok))
     out: list[dict] = []
     from tqdm import tqdm
@@ -249,13 +289,17 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
     for s in range(0, len(requests), cfg.batch_size):
         chunk = list(range(s, min(s + cfg.batch_size, len(requests))))
         desc = f"speak {chunk[0] + 1}-{chunk[-1] + 1}/{len(requests)}" if len(requests) > 1 else "speak"
-        with tqdm(total=cfg.max_new_frames, desc=desc, unit="frame", disable=not cfg.progress, leave=False,
+        # Counts decoding steps (each audio frame and each text token is one), up to the --max_new_frames limit;
+        # a generation that stops earlier closes the bar at its last step.
+        with tqdm(total=cfg.max_new_frames, desc=desc, unit="step", disable=not cfg.progress, leave=False,
                   dynamic_ncols=True, mininterval=0.5) as bar:
             def on_step(active: int) -> None:
                 bar.update(1)
                 bar.set_postfix(rows=active, refresh=False)
 
             gens = engine.generate([requests[i] for i in chunk], on_step=on_step)
+            bar.total = bar.n
+            bar.refresh()
         for i, gen in zip(chunk, gens):
             gen.name = items[i].name
             if gen.frames == 0:
@@ -263,6 +307,6 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
                     f"{gen.iterations} steps)")
             info = write_generation(gen, codec, items[i].out)
             out.append(info)
-            log(f"wrote {info['wav']} ({info['frames']} frames, {info['seconds']:.2f} s, stop: {info['stop']}) "
-                f"+ {Path(info['codes']).name}")
+            log(f"wrote {info['wav']} ({info['frames']} frames, {info['seconds']:.2f} s, {info['iterations']} "
+                f"decoding steps, stop: {info['stop']}) + {Path(info['codes']).name}")
     return out
