@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import errors_of, run, tone
+from helpers import NO_CODEC, errors_of, run, tone
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.errors import PrepError
 
@@ -147,3 +147,38 @@ def test_ambiguous_list_is_refused_naming_the_line(lines, line, shown, corpus, c
         prepare_list(corpus, tmp_path, "amb.txt", lines, ckpt=ckpts["ff"])
     msg = str(e.value)
     assert msg.startswith(f"{corpus / 'amb.txt'}:{line}: ") and shown in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------------ ChatML manifests
+def readme_chatml_lines() -> list[str]:
+    """The ChatML example lines of the README (what a new user copies)."""
+    from helpers import REPO
+
+    return [ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith('{"') and '"messages"' in ln]
+
+
+def test_the_readme_chatml_lines_prepare_as_written(corpus, ckpts, codec_dir, tmp_path, capsys):
+    import json
+
+    import prep
+
+    lines = readme_chatml_lines()
+    assert len(lines) >= 2, "the README shows a TTS line and a voice-clone line"
+    out = prepare_list(corpus, tmp_path, "train.jsonl", lines, ckpt=ckpts["ff"], codec=str(codec_dir))
+    assert errors_of(out) == []
+    ds = ShardDataset(out)
+    assert len(ds) == len(lines)
+    for i, obj in enumerate(map(json.loads, lines)):
+        users = [m["content"] for m in obj["messages"] if m["role"] == "user"]
+        assert user_turns(ckpts["tok"], ds[i].input_ids) == users
+        assert ds.speakers[i] == obj.get("speaker") and ds.sample_ids[i] == obj["id"]
+        assert len(ds[i].audio_codes) == len(users)
+    # --voice_clone pairs the lines of a plain list; on a ChatML manifest it would do nothing: refused (was: ignored)
+    argv = ["--manifest", str(corpus / "train.jsonl"), "--out", str(tmp_path / "vc"), "--base_ckpt", str(ckpts["ff"]),
+            "--codec", NO_CODEC, "--voice_clone", "--no_progress"]
+    assert prep.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prep: error: {corpus / 'train.jsonl'}: --voice_clone applies to plain lists (.csv / .tsv / .txt / "
+                   ".list) only; in a ChatML manifest each sample gives its reference in its messages: drop "
+                   "--voice_clone")
+    assert not (tmp_path / "vc").exists()

@@ -432,8 +432,9 @@ def test_dead_worker_is_an_error_not_a_hang(ckpts, data, tmp_path):
         "from minihiggs.errors import PrepError\n"
         "worker._run_job = crash_helper.run_job\n"
         "try:\n"
-        f"    prepare(PrepConfig({str(data['manifest'])!r}, {str(tmp_path / 'out')!r}, base_ckpt={str(ckpts['ff'])!r},\n"
-        f"                       codec={NO_CODEC!r}, workers=2, shard_size=3, progress=False), log=lambda *a: None)\n"
+        f"    prepare(PrepConfig({str(data['manifest'])!r}, {str(tmp_path / 'out')!r},\n"
+        f"                       base_ckpt={str(ckpts['ff'])!r}, codec={NO_CODEC!r}, workers=2, shard_size=3,\n"
+        f"                       progress=False), log=lambda *a: None)\n"
         "except PrepError as e:\n"
         "    print('PREP_ERROR', e)\n"
         "    sys.exit(7)\n")

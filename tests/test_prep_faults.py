@@ -222,8 +222,8 @@ def test_vctk_style_third_column_is_the_speaker(tmp_path):
 @pytest.mark.parametrize("lines,expect", [
     (["p225_001|Please call Stella.|p225", "LJ002|Printing, in the only sense.|Printing, in the only sense."],
      "m.txt:1: the third column reads as a speaker id here ('p225') and as normalized text on line 2"),
-    (["a1|Hello|bob", "a2|Bye|alice"], "m.txt:1: cannot tell whether the third column is a speaker id or normalized "
-                                       "text ('a1|Hello|bob'"),
+    (["a1|Hello|bob", "a2|Bye|alice"],
+     "m.txt:1: cannot tell whether the third column is a speaker id or normalized text ('a1|Hello|bob'"),
 ], ids=["mixed", "undecidable"])
 def test_ambiguous_third_column_is_refused(lines, expect, tmp_path):
     with pytest.raises(PrepError, match="add a header line 'id|text|speaker' or 'id|text|normalized'") as e:

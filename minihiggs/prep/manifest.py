@@ -69,8 +69,7 @@ def read_json_array(path: Path) -> list[Entry]:
         line = raw[:e.start].count(b"\n") + 1
         return [BadEntry(line, "bad_text_encoding", f"manifest is not valid UTF-8 ({e.reason}); "
                                                     "no entries could be read")]
-    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark (editors on Windows write one): not content
-        text = text[1:]
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (editors on Windows write one): not content
     dec = json.JSONDecoder()
     n = len(text)
 

@@ -20,9 +20,9 @@ import csv
 import io
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ManifestError, PrepError
 from ..text.chatml import resolve_path, tts_sample
