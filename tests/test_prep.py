@@ -419,18 +419,18 @@ def test_changed_codec_refused_on_resume(ckpts, data, tmp_path):
 def test_dead_worker_is_an_error_not_a_hang(ckpts, data, tmp_path):
     """A worker process that dies (OOM killer, native crash) must fail the run, not hang it forever."""
     (tmp_path / "crash_helper.py").write_text(
-        "import os\nfrom minihiggs.prep import worker\n\n"
+        "import os\nfrom minihiggs.prep import pool\n\n"
         "def run_job(job):\n"
         "    if job.name == 'shard-00001':\n"
         "        os._exit(3)  # dies like a process killed for memory\n"
-        "    return worker._W.run(job)\n")
+        "    return pool._W.run(job)\n")
     script = (
         "import sys\n"
         f"sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]\n"
         "import crash_helper\n"
-        "from minihiggs.prep import PrepConfig, prepare, worker\n"
+        "from minihiggs.prep import PrepConfig, prepare, pool\n"
         "from minihiggs.errors import PrepError\n"
-        "worker._run_job = crash_helper.run_job\n"
+        "pool._run_job = crash_helper.run_job\n"
         "try:\n"
         f"    prepare(PrepConfig({str(data['manifest'])!r}, {str(tmp_path / 'out')!r},\n"
         f"                       base_ckpt={str(ckpts['ff'])!r}, codec={NO_CODEC!r}, workers=2, shard_size=3,\n"

@@ -13,13 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import wait as futures_wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +27,9 @@ from ..hub import resolve_dir
 from . import worker as worker_mod
 from .manifest import manifest_kind, read_json_array, scan_jsonl
 from .plain_list import read_plain_list
+from .pool import run_pool
 from .settings import ModelSettings, PrepConfig, WorkerSettings, model_settings
-from .worker import JobFailure, ShardJob, Worker
+from .worker import ShardJob, Worker
 
 __all__ = ["PrepConfig", "model_settings", "prepare"]
 
@@ -259,53 +255,6 @@ def run_inline(todo: list[ShardJob], settings: WorkerSettings, tok, progress: Pr
     w = Worker(settings, progress, tok)
     for j in todo:
         w.run(j)
-
-
-def run_pool(todo: list[ShardJob], settings: WorkerSettings, workers: int, progress: Progress) -> None:
-    """The jobs on a pool of spawned worker processes. ProcessPoolExecutor, not multiprocessing.Pool: a worker that
-    dies (killed for memory, a crash in native code, a failing initializer) breaks the executor and every pending
-    future raises, where Pool silently replaces the worker and waits forever for the lost shard."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=worker_mod._init_worker,
-                             initargs=(settings, q))
-
-    def drain(timeout: float) -> None:
-        """Hand every queued progress message to the bar (waiting up to `timeout` for the next one)."""
-        try:
-            while True:
-                progress.put(q.get(timeout=timeout))
-        except queue_mod.Empty:
-            pass
-
-    ok = False
-    try:
-        pending = {ex.submit(worker_mod._run_job, j) for j in todo}
-        while pending:
-            drain(0.2)
-            finished, pending = futures_wait(pending, timeout=0)
-            for f in finished:
-                try:
-                    res = f.result()
-                except BrokenProcessPool:
-                    raise PrepError("a worker process died (killed for memory, or crashed); finished "
-                                    "shards are kept: re-run the same command to resume") from None
-                if isinstance(res, JobFailure) and res.user_error:
-                    raise PrepError(res.error)
-                if isinstance(res, JobFailure):  # a bug: its traceback from the worker
-                    raise RuntimeError(f"prep worker failed on {res.name}: {res.error}\n{res.traceback}")
-        drain(0.05)
-        ok = True
-    finally:
-        if ok:
-            ex.shutdown(wait=True)
-        else:  # stop the other workers now (their half-written shards are redone on resume)
-            procs = list((getattr(ex, "_processes", None) or {}).values())
-            ex.shutdown(wait=False, cancel_futures=True)
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.join()
 
 
 @dataclass

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -22,7 +21,7 @@ from ..audio import mel
 from ..audio.io import audio_header, read_audio, resample, to_mono
 from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR, IGNORE_INDEX
 from ..data.shards import ShardWriter, estimated_length
-from ..errors import AudioError, ManifestError, PrepError, UserError
+from ..errors import AudioError, ManifestError, PrepError
 from ..text.chatml import AudioItem, Encoded, encode_chatml, expand_audio_in, parse_chatml
 from .manifest import BadEntry, ChatmlEntry, Entry, JsonlLine
 from .settings import WorkerSettings
@@ -44,9 +43,6 @@ def token_limit(max_tokens: int | None) -> tuple[int, str]:
                                 "it)")
 
 
-_W = None
-
-
 def reference_usable(path: str, max_seconds: float) -> bool:
     """Whether the clip at `path` can serve as a voice-clone reference: it exists, its header is readable, it
     is at least one code frame and at most `max_seconds` long (checked before decoding), and it decodes to
@@ -61,44 +57,6 @@ def reference_usable(path: str, max_seconds: float) -> bool:
     except (AudioError, MemoryError):
         return False
     return wave.size > 0 and bool(np.isfinite(wave).all()) and float(np.abs(wave).max()) >= SILENCE_PEAK
-
-
-def _init_worker(settings: WorkerSettings, q) -> None:
-    global _W
-    import torch
-
-    die_with_parent(settings.parent_pid)
-    torch.set_num_threads(max(1, settings.threads))
-    _W = Worker(settings, q)
-
-
-def die_with_parent(parent: int | None) -> None:
-    """A pool worker must not outlive prep: killed with -9, the parent cannot stop it, and it would keep its
-    memory (and GPU memory) and go on writing shards. Linux: the kernel sends SIGKILL when the parent dies
-    (PR_SET_PDEATHSIG); everywhere: a thread notices the parent pid change within a second (also covers a parent
-    that died before the prctl, and a kernel that sends the death signal when the *thread* that forked exits)."""
-    import threading
-    import time
-
-    if parent is None:
-        return
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, name="minihiggs-parent-watch", daemon=True).start()
 
 
 @dataclass
@@ -117,28 +75,6 @@ class ShardResult:
     samples: int
     errors: int
     seconds: float  # of audio in the shard's samples
-
-
-@dataclass
-class JobFailure:
-    """An exception of a pool worker, as text: a class defined in a spawned __mp_main__ may not unpickle in the
-    parent."""
-
-    name: str
-    error: str
-    traceback: str
-    user_error: bool  # a UserError (its message is the whole story), not a bug
-
-
-def _run_job(job: ShardJob) -> ShardResult | JobFailure:
-    try:
-        return _W.run(job)
-    except Exception as e:
-        import traceback
-
-        if isinstance(e, UserError):
-            return JobFailure(job.name, str(e), "", True)
-        return JobFailure(job.name, f"{type(e).__name__}: {e}", traceback.format_exc(), False)
 
 
 @dataclass
@@ -177,7 +113,7 @@ class ErrorLog:
 
 
 class Worker:
-    """Makes shards: one per `run(job)`, in this process (inline) or in a pool worker (`_init_worker`)."""
+    """Makes shards: one per `run(job)`, in the prep process or in a pool process (`pool.py`)."""
 
     def __init__(self, settings: WorkerSettings, q=None, tok=None):
         from ..text.tokenizer import TextTokenizer
