@@ -129,7 +129,7 @@ def test_an_unquoted_comma_that_may_split_a_transcript_is_refused(header, corpus
     n = 1 + bool(header)
     assert msg.startswith(f"{path}:{n + 1}: ") and "\n" not in msg
     assert "'bob_01' | 'I would like a cup of tea with milk' | 'please.'" in msg
-    assert "quote" in msg and not (tmp_path / "out" / "index.json").exists()
+    assert "quote" in msg and not (tmp_path / "out").exists()  # refused before --out is made
 
 
 # ---------------------------------------------------------------------------------------- ambiguous lists

@@ -375,13 +375,15 @@ def test_raw_audio_offset_duration(ckpts, tmp_path):
     assert torch.equal(ds[1].whisper_features[0], part[0]) and ds[1].whisper_lengths == [100]
 
 
-def test_codec_needed_but_unavailable(ckpts, data, tmp_path):
-    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [
+@pytest.mark.parametrize("workers", [1, 2])
+def test_codec_needed_but_unavailable(workers, ckpts, data, tmp_path):
+    """In a pool worker too, the user error arrives as its one line (a bug in a worker keeps its traceback)."""
+    line = json.dumps({"messages": [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "audio", "audio_url": str(data["dir"] / "audio" / "a16.wav")}]}]})
-        + "\n")
-    with pytest.raises(PrepError, match="cannot load the audio tokenizer"):
-        run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"])
+    (tmp_path / "m.jsonl").write_text(f"{line}\n{line}\n")
+    with pytest.raises(PrepError, match="^cannot load the audio tokenizer '/nonexistent/codec' [^\n]*$"):
+        run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"], workers=workers, shard_size=1)
 
 
 # ------------------------------------------------------------------------------------------- review fixes

@@ -1,8 +1,8 @@
 """The prep pipeline: `prepare(PrepConfig(...))` runs the named steps below in order.
 
-check the inputs -> read the base checkpoint's config and tokenizer -> claim --out (prep_state.json) -> split the
-manifest into fixed shards -> run the shards not finished yet (inline or in a worker pool) -> gather the shards'
-samples and errors -> report -> write index.json.
+check the inputs -> read the base checkpoint's config and tokenizer -> read the manifest into fixed shards ->
+claim --out (prep_state.json) -> run the shards not finished yet (inline or in a worker pool) -> gather the
+shards' samples and errors -> report -> write index.json.
 
 Shards are fixed ranges of `shard_size` manifest entries, so a re-run with the same settings (checked against
 `prep_state.json`) skips finished shards and redoes half-written ones.
@@ -64,12 +64,12 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
     t0 = time.time()
     inputs = check_inputs(cfg)
     base = load_base(cfg.base_ckpt, log)
+    jobs, notes = build_jobs(inputs, cfg, log)  # before --out is touched: a list may be refused
     claim_out_dir(inputs, base, cfg)
     if not cfg.max_tokens:
         log(f"prep: no --max_tokens: samples over {worker_mod.DEFAULT_MAX_TOKENS} merged tokens (about "
             f"{worker_mod.DEFAULT_MAX_TOKENS // CODE_FRAMES_PER_SECOND} s of audio) are skipped as too_long, checked "
             "from the file headers before decoding; set --max_tokens to change the limit")
-    jobs, notes = build_jobs(inputs, cfg, log)
     for note in notes:
         log(f"prep: {note}")
     todo = unfinished(jobs, inputs.out, log)
