@@ -73,27 +73,10 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
     for note in notes:
         log(f"prep: {note}")
     todo = unfinished(jobs, inputs.out, log)
-    settings = WorkerSettings(out=inputs.out, manifest=inputs.manifest, tokenizer_dir=base.dir, codec=cfg.codec,
-                              device=inputs.device, max_tokens=cfg.max_tokens, model=base.model,
-                              codec_batch_clips=32 if inputs.device.startswith("cuda") else 8,
-                              threads=max(1, (os.cpu_count() or 1) // inputs.workers), parent_pid=os.getpid())
-    progress = Progress(total=sum(j.last - j.first for j in jobs),
-                        done=sum(j.last - j.first for j in jobs) - sum(j.last - j.first for j in todo),
-                        enabled=cfg.progress)
-    with progress:
-        if inputs.workers == 1 or len(todo) <= 1:
-            run_inline(todo, settings, base.tok, progress)
-        else:
-            run_pool(todo, settings, inputs.workers, progress)
+    progress = run_shards(jobs, todo, inputs, base, cfg)
     totals = gather(inputs.out, jobs)
     summary = report(totals, progress, inputs, len(jobs), time.time() - t0, log)
-    if totals.samples == 0:
-        raise PrepError(f"{inputs.manifest}: nothing usable: every entry ({progress.total}) was skipped (the reasons "
-                        f"are in {inputs.out / 'prep_errors.jsonl'})")
-    if cfg.strict and totals.errors:
-        n = len(totals.errors)
-        raise PrepError(f"--strict: {n} entr{'y was' if n == 1 else 'ies were'} skipped "
-                        f"(see {inputs.out / 'prep_errors.jsonl'}); no index.json written")
+    check_outcome(totals, inputs, cfg.strict, progress.total)
     write_index(inputs.out, [j.name for j in jobs],
                 {**base.model.record(), "mel_bins": mel.N_MELS, "tokenizer": base.tok.fingerprint,
                  "base_ckpt": str(cfg.base_ckpt), "codec": str(cfg.codec), "manifest": str(inputs.manifest)})
@@ -251,6 +234,22 @@ class Progress:
         self.elapsed = time.time() - self.t0
 
 
+def run_shards(jobs: list[ShardJob], todo: list[ShardJob], inputs: Inputs, base: Base, cfg: PrepConfig) -> Progress:
+    """Make the unfinished shards `todo`: in this process, or on a pool of `--workers` processes."""
+    settings = WorkerSettings(out=inputs.out, manifest=inputs.manifest, tokenizer_dir=base.dir, codec=cfg.codec,
+                              device=inputs.device, max_tokens=cfg.max_tokens, model=base.model,
+                              codec_batch_clips=32 if inputs.device.startswith("cuda") else 8,
+                              threads=max(1, (os.cpu_count() or 1) // inputs.workers), parent_pid=os.getpid())
+    total = sum(j.last - j.first for j in jobs)
+    progress = Progress(total, done=total - sum(j.last - j.first for j in todo), enabled=cfg.progress)
+    with progress:
+        if inputs.workers == 1 or len(todo) <= 1:
+            run_inline(todo, settings, base.tok, progress)
+        else:
+            run_pool(todo, settings, inputs.workers, progress)
+    return progress
+
+
 def run_inline(todo: list[ShardJob], settings: WorkerSettings, tok, progress: Progress) -> None:
     w = Worker(settings, progress, tok)
     for j in todo:
@@ -283,6 +282,18 @@ def gather(out: Path, jobs: list[ShardJob]) -> Totals:
                     totals.errors.append(json.loads(row))
     os.replace(out / "prep_errors.jsonl.tmp", out / "prep_errors.jsonl")
     return totals
+
+
+def check_outcome(totals: Totals, inputs: Inputs, strict: bool, n_entries: int) -> None:
+    """No index.json when nothing is usable, or with --strict when an entry was skipped."""
+    errors_file = inputs.out / "prep_errors.jsonl"
+    if totals.samples == 0:
+        raise PrepError(f"{inputs.manifest}: nothing usable: every entry ({n_entries}) was skipped (the reasons are "
+                        f"in {errors_file})")
+    if strict and totals.errors:
+        n = len(totals.errors)
+        raise PrepError(f"--strict: {n} entr{'y was' if n == 1 else 'ies were'} skipped (see {errors_file}); no "
+                        "index.json written")
 
 
 def report(totals: Totals, progress: Progress, inputs: Inputs, n_shards: int, seconds: float, log) -> dict:
