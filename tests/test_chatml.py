@@ -9,7 +9,8 @@ from golden import MODEL_ROOT, variants
 from minihiggs.errors import ManifestError
 from minihiggs.prep.plain_list import (NORMALIZED, SPEAKER, ListLayout, parse_plain_line, split_columns,
                                        voice_clone_references)
-from minihiggs.text.chatml import DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample, tts_system_prompt
+from minihiggs.text.chatml import (DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample,
+                                   tts_system_prompt)
 
 ROLE_IDS = {9125: "system", 882: "user", 78191: "assistant"}
 IN_TRIPLE, OUT_TRIPLE = [128011, 128015, 128012], [128013, 128016, 128012]

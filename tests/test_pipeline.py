@@ -35,7 +35,8 @@ def data(tmp_path_factory):
         rows.append({"id": f"utt{i}", "speaker": "spk", "messages": [
             {"role": "system", "content": "Generate audio following instruction."},
             {"role": "user", "content": [{"type": "text", "text": f"Reference {i}"},
-                                         {"type": "audio", "audio_url": f"{ref}_ref.wav", "audio_codes": f"{ref}.npy"}]},
+                                         {"type": "audio", "audio_url": f"{ref}_ref.wav",
+                                          "audio_codes": f"{ref}.npy"}]},
             {"role": "assistant", "content": [{"type": "audio", "audio_codes": f"out{i}.npy"}]}]})
     (d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d

@@ -111,7 +111,7 @@ def test_bad_inputs_reported_good_samples_intact(ckpts, data, tmp_path):
     assert [ds.record(i)["line"] for i in range(3)] == [1, 4, 16]
     assert [ds.speakers[i] for i in range(3)] == ["alice", None, "bob"]
     tok = ckpts["tok"]
-    for i, (line, obj) in enumerate(data["good"]):
+    for i, (_, obj) in enumerate(data["good"]):
         s = ds[i]
         enc = encode_chatml(parse_chatml(obj, str(data["dir"])), tok)
         assert s.input_ids.tolist() == enc.input_ids
