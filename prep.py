@@ -33,8 +33,6 @@ Bad input (a manifest that cannot be read, changed settings, nothing usable, --s
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -42,36 +40,25 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from minihiggs.errors import UserError  # noqa: E402
+from minihiggs.cli import parse_flags, run  # noqa: E402
 from minihiggs.prep import PrepConfig  # noqa: E402
+
+PROG = "prep"
 
 
 def parse_args(argv=None) -> PrepConfig:
     """The flags are PrepConfig's fields: their defaults and help are declared there."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(PrepConfig):
-        kw = dict(f.metadata)
-        flag = kw.pop("flag", f"--{f.name}")
-        if f.default is dataclasses.MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = f.default
-            if f.default is not None and not isinstance(f.default, bool):
-                kw["help"] += f" (default: {f.default})"
-        ap.add_argument(flag, dest=f.name, **kw)
-    return PrepConfig(**vars(ap.parse_args(argv)))
+    return parse_flags(PrepConfig, argv, prog="prep.py", description=__doc__.split("\n\n")[0])
+
+
+def prep(argv=None) -> None:
+    from minihiggs.prep import prepare
+
+    prepare(parse_args(argv))
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    from minihiggs.prep import prepare
-
-    try:
-        prepare(cfg)
-    except UserError as e:
-        print(f"prep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(PROG, prep, argv)
 
 
 if __name__ == "__main__":

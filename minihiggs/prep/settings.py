@@ -4,18 +4,13 @@ checkpoint's (`ModelSettings`, read from its config.json) and what a worker proc
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli import flag as _flag
 from ..constants import DEFAULT_BASE_REPO, DEFAULT_CODEC_REPO
 from ..errors import PrepError
 from ..text.chatml import DEFAULT_SCENE
-
-
-def _flag(default=dataclasses.MISSING, help: str = "", **argparse_kw):
-    """A field with its command-line help (and any argparse option) as metadata: prep.py builds its flags from
-    these, so a default is written once."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
 
 
 @dataclass
@@ -37,7 +32,7 @@ class PrepConfig:
                                                     "none)")
     device: str | None = _flag(None, "codec device (default: cuda when available, else cpu)")
     overwrite: bool = _flag(False, "delete shards made with other settings in --out", action="store_true")
-    progress: bool = _flag(True, "no progress bar", flag="--no_progress", action="store_false")
+    progress: bool = _flag(True, "no progress bar", option="--no_progress", action="store_false")
 
 
 @dataclass(frozen=True)
