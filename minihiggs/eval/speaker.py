@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..codec.semantic import FEATURE_CONVS, FeatureExtractor, FeatureProjection, PositionalConv
 from ..errors import CheckpointError, ConfigError
 from ..hub import resolve_dir
+from ..model.checkpoint import weight_files
 
 DEFAULT_SV = "microsoft/wavlm-base-plus-sv"
 HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "pytorch_model.bin"]
@@ -260,18 +261,16 @@ def convert_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read_weights(root: Path) -> dict[str, torch.Tensor]:
-    st = sorted(root.glob("*.safetensors"))
-    if st:
-        from safetensors.torch import load_file
-
-        sd: dict[str, torch.Tensor] = {}
-        for f in st:
-            sd.update(load_file(str(f)))
-        return sd
     pt = root / "pytorch_model.bin"
-    if pt.is_file():  # some SV repos (wavlm-base-plus-sv among them) predate safetensors; tensors only
+    if pt.is_file() and not any(root.glob("model*.safetensors*")):
+        # some SV repos (wavlm-base-plus-sv among them) predate safetensors: tensors only, never pickled code
         return torch.load(pt, map_location="cpu", weights_only=True)
-    raise CheckpointError(f"{root}: no *.safetensors or pytorch_model.bin (the speaker model's weights)")
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(root):
+        sd.update(load_file(str(f)))
+    return sd
 
 
 class SpeakerScorer:

@@ -183,7 +183,7 @@ def make_wavlm(out: Path, seed: int, weighted: bool):
         if weighted:
             model.layer_weights.normal_(0, 1)
     model.save_pretrained(out)
-    ws = waves(seed, [0.8, 1.3])
+    ws = waves(seed, [0.8, 2.5])  # 2.5 s = 124 frames: relative distances past the exact buckets (80)
     ref = {}
     with torch.no_grad():
         for i, w in enumerate(ws):
