@@ -5,24 +5,30 @@ the apostrophe from both the reference and the ASR transcript, collapses double 
 full English normaliser (number spelling, British/American spelling maps) is *not* used: scores stay comparable
 with the benchmark, and a transcript that writes "twenty" for "20" counts as an error here, as it does there.
 
-Written with Unicode categories rather than `string.punctuation`, so curly quotes, dashes and ellipses (which
-Whisper emits) go too; the typographic apostrophe becomes ASCII so "don’t" and "don't" compare equal.
+Removed: ASCII `string.punctuation` (what Seed-TTS-eval removes, `$+<=>^`|~` included) and every other
+Unicode punctuation character (category P*: curly quotes, dashes, ellipses, which Whisper emits). One difference:
+a removed mark becomes a space here (Seed-TTS-eval deletes it), so "well—maybe" stays two words. The typographic
+apostrophe becomes ASCII, so "don’t" and "don't" compare equal.
 """
 
 from __future__ import annotations
 
+import string
 import unicodedata
 
 _APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'"}
 
 
+_ASCII_PUNCT = set(string.punctuation) - {"'"}
+
+
 def _keep(ch: str) -> bool:
-    return ch == "'" or not unicodedata.category(ch).startswith("P")
+    return ch == "'" or (ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P"))
 
 
 def normalize_text(text: str) -> str:
-    """NFKC, typographic apostrophes -> "'", punctuation (but "'") and symbols-as-punctuation removed,
-    whitespace collapsed, lowercased."""
+    """NFKC, typographic apostrophes -> "'", punctuation but "'" replaced by spaces, whitespace collapsed,
+    lowercased."""
     text = unicodedata.normalize("NFKC", text)
     text = "".join(_APOSTROPHES.get(ch, ch) for ch in text)
     text = "".join(ch if _keep(ch) else " " for ch in text)
