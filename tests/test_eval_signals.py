@@ -53,6 +53,9 @@ def test_silence_ratios_by_hand():
     s = silence_ratios(wave, SR)
     assert (s.leading, s.inner, s.trailing) == pytest.approx((0.2, 0.1, 0.1), abs=1e-9)
     assert silence_ratios(np.concatenate([tone(1.0), quiet(3.0)]), SR).trailing == pytest.approx(0.75)
+    # a noise floor above -60 dBFS is still silence next to speech 40 dB louder (the relative threshold)
+    hiss = np.random.default_rng(1).normal(0, 3e-3, SR).astype(np.float32)  # about -50 dBFS
+    assert silence_ratios(np.concatenate([hiss, tone(3.0) + hiss[0]]), SR).leading == pytest.approx(0.25)
 
 
 def test_edge_silence_and_short_clips_are_flagged():

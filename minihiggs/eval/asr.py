@@ -199,7 +199,7 @@ class WhisperAsr(nn.Module):
                 logits[:, rules.suppress] = float("-inf")
             if step == 0 and rules.begin_suppress:
                 logits[:, rules.begin_suppress] = float("-inf")
-            nxt = logits.argmax(-1).masked_fill(done, rules.eos)
+            nxt = logits.argmax(-1)  # rows already done keep decoding; their ids after <|endoftext|> are cut
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == rules.eos
             if bool(done.all()):
