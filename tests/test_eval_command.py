@@ -49,11 +49,12 @@ def setup(tmp_path_factory):
         lines.append({"text": f"Sentence number {k}.", "name": f"u{k}", "ref_codes": f"ref{k}.npy",
                       "ref_text": "A reference.", "truth_audio": f"truth{k}.wav"})
     (root / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    args = ["--prompts", str(root / "prompts.jsonl"), "--model", f"base={base}", "--model", f"tuned={adapter}",
-            "--codec", str(codec), "--asr_model", str(write_tiny_asr(root / "asr")),
-            "--sv_model", str(write_tiny_speaker(root / "sv")), "--max_new_frames", str(MAX_FRAMES),
-            "--no_progress"]
-    return root, args
+    scorers = ["--codec", str(codec), "--asr_model", str(write_tiny_asr(root / "asr")),
+               "--sv_model", str(write_tiny_speaker(root / "sv")), "--max_new_frames", str(MAX_FRAMES),
+               "--no_progress"]
+    return {"root": root, "base": base, "scorers": scorers,
+            "args": ["--prompts", str(root / "prompts.jsonl"), "--model", f"base={base}", "--model",
+                     f"tuned={adapter}"] + scorers}
 
 
 def run(args, capsys):
@@ -70,7 +71,7 @@ def rows_without_timing(path):
 
 
 def test_eval_writes_rows_table_and_wavs_and_is_repeatable_batched(setup, capsys):
-    root, args = setup
+    root, args = setup["root"], setup["args"]
     code, out, err = run(args + ["--out_dir", str(root / "a"), "--batch_size", "3"], capsys)
     assert code == 0, err
     rows = rows_without_timing(root / "a" / "utterances.jsonl")
@@ -103,13 +104,13 @@ def test_eval_writes_rows_table_and_wavs_and_is_repeatable_batched(setup, capsys
     (["--model", "base=/x", "--max_new_frames", "0"], "--max_new_frames"),
 ])
 def test_one_line_errors(setup, extra, message, capsys, tmp_path):
-    _, args = setup
+    args = setup["args"]
     code, _, err = run(args + extra + ["--out_dir", str(tmp_path)], capsys)
     assert code == 2 and err.startswith("eval: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_no_prompt_set_and_duplicate_labels_are_errors(setup, capsys, tmp_path):
-    _, args = setup
+    args = setup["args"]
     code, _, err = run(["--model", "x", "--out_dir", str(tmp_path)], capsys)
     assert code == 2 and "--shards" in err
     code, _, err = run(args + ["--model", "base=/y", "--out_dir", str(tmp_path)], capsys)
@@ -123,3 +124,40 @@ def test_pick_references_by_hand():
     assert pick_references(speakers, val) == {2: 0, 5: 1, 6: None, 3: None}
     # a speaker whose only other utterance is in validation still gets it
     assert pick_references(["a", "a"], [0, 1]) == {0: 1, 1: 0}
+
+
+def test_validation_shards_with_same_speaker_references(setup, capsys, tmp_path):
+    """--shards: the validation split, each utterance voiced by another utterance of its speaker; the ground truth
+    is the sample's own codes (duration ratio against its frames); a speaker with one utterance is left out."""
+    from minihiggs.data.dataset import ShardDataset
+    from minihiggs.prep import run_prep
+
+    base = setup["base"]
+    g = torch.Generator().manual_seed(3)
+    lines, frames = [], {}
+    for spk, n in (("ava", 4), ("ben", 4), ("cleo", 1)):
+        for u in range(n):
+            uid = f"{spk}_{u}"
+            frames[uid] = 10 + 3 * u
+            np.save(tmp_path / f"{uid}.npy", torch.randint(0, 1024, (8, frames[uid]), generator=g).numpy())
+            lines.append({"id": uid, "speaker": spk, "messages": [
+                {"role": "user", "content": f"Words of {spk} number {u}."},
+                {"role": "assistant", "content": [{"type": "audio", "audio_codes": f"{uid}.npy"}]}]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_prep(tmp_path / "m.jsonl", tmp_path / "shards", base_ckpt=base, progress=False, log=lambda m: None)
+    ds = ShardDataset(tmp_path / "shards")
+    _, val = ds.split(0.5)
+    code, out, err = run(setup["scorers"] + ["--model", str(base), "--shards", str(tmp_path / "shards"), "--val_fraction", "0.5",
+                                 "--out_dir", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "o" / "utterances.jsonl").read_text().splitlines()]
+    scored = [ds.sample_ids[i] for i in val if ds.speakers[i] != "cleo"]
+    assert sorted({r["name"] for r in rows}) == sorted(scored) and scored
+    for r in rows:
+        spk = r["name"].split("_")[0]
+        same = [ds.sample_ids[j] for j in range(len(ds)) if ds.speakers[j] == spk and ds.sample_ids[j] != r["name"]]
+        train = [x for x in same if x not in {ds.sample_ids[i] for i in val}]
+        assert r["reference"] == (train or same)[0]  # a training utterance of the speaker first
+        assert r["text"] == f"Words of {r['name'].split('_')[0]} number {r['name'].split('_')[1]}."
+        assert r["duration_ratio"] == pytest.approx(r["seconds"] / (frames[r["name"]] / 25))
+    assert ("left out" in out) == any(ds.speakers[i] == "cleo" for i in val)

@@ -31,6 +31,7 @@ class EvalItem:
     text: str                 # what should be heard (WER/CER reference)
     prompt: Prompt
     ref_codes: torch.Tensor   # the voice reference, [codebooks, frames]
+    reference: str = ""       # where the voice comes from (a sample id, a file)
     truth_codes: torch.Tensor | None = None
     truth_wave_16k: object | None = None
     seed: int | None = None
@@ -71,6 +72,7 @@ def shard_items(path: str, tok, cfg, val_fraction: float, log) -> list[EvalItem]
         if len(outs) > 1:  # prepared with a reference: keep it
             prompt = prompt_from_sample(sample, tok, cfg)
             ref_codes = sample.audio_codes[outs[0]][:cfg.audio_num_codebooks].long()
+            ref_name = f"{ds.sample_ids[i]} (its own reference)"
         elif refs[i] is None:
             log(f"note: {ds.sample_ids[i]}: no other utterance of speaker {ds.speakers[i]!r} to take the voice "
                 f"from; left out")
@@ -78,8 +80,8 @@ def shard_items(path: str, tok, cfg, val_fraction: float, log) -> list[EvalItem]
         else:
             ref = reference_from_sample(ds[refs[i]], tok, cfg)
             prompt = prompt_from_sample(sample, tok, cfg, reference=ref)
-            ref_codes = ref[1]
-        items.append(EvalItem(ds.sample_ids[i], tok.decode(text_ids), prompt, ref_codes, truth_codes=truth))
+            ref_codes, ref_name = ref[1], ds.sample_ids[refs[i]]
+        items.append(EvalItem(ds.sample_ids[i], tok.decode(text_ids), prompt, ref_codes, ref_name, truth_codes=truth))
     if not items:
         raise EvalError(f"{path}: no validation utterance with a voice reference (val_fraction={val_fraction}); "
                         f"the speakers need at least two utterances each")
@@ -97,5 +99,6 @@ def jsonl_items(path: str, tok, cfg, codec_name: str, device, shards: str | None
         if it.extra.get("truth_audio"):
             truth = load_audio(Path(path).parent / str(it.extra["truth_audio"]), 16000)
         prompt = tts_prompt(tok, it.text, scene=it.scene, reference=ref, name=it.where)
-        items.append(EvalItem(it.name, it.text, prompt, ref[1], truth_wave_16k=truth, seed=it.seed))
+        ref_name = it.ref_sample or it.ref_codes or it.ref_audio or ""
+        items.append(EvalItem(it.name, it.text, prompt, ref[1], ref_name, truth_wave_16k=truth, seed=it.seed))
     return items

@@ -122,7 +122,7 @@ def score_model(label: str, items: list[EvalItem], clips: list[Clip], texts: lis
         sig = cheap_signals(clip.wave_16k, SR, truth_seconds=truth_s, stop_reason=clip.stop_reason, codes=clip.codes)
         sim = float(torch.nn.functional.cosine_similarity(sv.embed(clip.wave_16k), ref_emb, dim=0)) \
             if clip.wave_16k.size else None
-        rows.append({"model": label, "name": it.name, "text": it.text, "transcript": hyp,
+        rows.append({"model": label, "name": it.name, "reference": it.reference, "text": it.text, "transcript": hyp,
                      "wer": w.rate, "word_edits": w.edits, "ref_words": w.ref_len,
                      "cer": c.rate, "char_edits": c.edits, "ref_chars": c.ref_len,
                      "sim": sim, "sim_truth": truth["sim"] if truth else None, "rtf": clip.rtf,

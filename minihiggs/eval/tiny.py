@@ -31,7 +31,9 @@ def _randomize(module: torch.nn.Module, seed: int, std: float) -> dict[str, torc
             for k, v in module.state_dict().items()}
 
 
-def write_tiny_asr(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def write_tiny_asr(out_dir: str | os.PathLike, seed: int = 0, **shape) -> Path:
+    """`shape` overrides config fields (d_model, encoder_layers, ... e.g. a large-v3 shape for a benchmark; a
+    vocab_size beyond the byte tokenizer's ids can be decoded to ids, not to text)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -42,7 +44,7 @@ def write_tiny_asr(out_dir: str | os.PathLike, seed: int = 0) -> Path:
            "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
            "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "max_source_positions": 1500,
            "max_target_positions": 48, "activation_function": "gelu", "eos_token_id": specials["<|endoftext|>"],
-           "decoder_start_token_id": specials["<|startoftranscript|>"]}
+           "decoder_start_token_id": specials["<|startoftranscript|>"], **shape}
     model = WhisperAsr(WhisperConfig.from_dict(cfg), DecoderConfig.from_dict(cfg))
     sd = {f"model.{k}": v for k, v in _randomize(model, seed, 0.3).items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -64,16 +66,18 @@ TINY_SPEAKER = {"model_type": "wavlm", "hidden_size": 32, "num_hidden_layers": 2
                 "xvector_output_dim": 16}
 
 
-def write_tiny_speaker(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def write_tiny_speaker(out_dir: str | os.PathLike, seed: int = 0, **shape) -> Path:
+    """`shape` overrides config fields (e.g. wavlm-base-plus-sv's for a benchmark)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = _randomize(SpeakerEncoder(SpeakerConfig.from_dict(TINY_SPEAKER)), seed, 0.2)
+    cfg = {**TINY_SPEAKER, **shape}
+    sd = _randomize(SpeakerEncoder(SpeakerConfig.from_dict(cfg)), seed, 0.2)
     w = sd.pop("wavlm.encoder.pos_conv_embed.conv.weight")
     pos = "wavlm.encoder.pos_conv_embed.conv.parametrizations.weight."
     sd[pos + "original0"] = w.norm(dim=(0, 1), keepdim=True)  # weight norm over every dim but 2, as HF stores it
     sd[pos + "original1"] = w
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(TINY_SPEAKER, indent=1))
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
