@@ -90,7 +90,8 @@ def test_decoder_logits_in_one_pass_and_through_the_cache(ref):
         enc = asr.model.encode(feats)
         close(dec(tokens, dec.new_cache(enc, tokens.shape[1]), 0), want)
         caches = dec.new_cache(enc, tokens.shape[1])
-        steps = [dec(tokens[:, :3], caches, 0)] + [dec(tokens[:, i:i + 1], caches, i) for i in range(3, tokens.shape[1])]
+        steps = [dec(tokens[:, :3], caches, 0)]  # a 3-token prefill, then one token at a time
+        steps += [dec(tokens[:, i:i + 1], caches, i) for i in range(3, tokens.shape[1])]
     close(torch.cat(steps, 1), want)
 
 

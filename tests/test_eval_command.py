@@ -147,8 +147,8 @@ def test_validation_shards_with_same_speaker_references(setup, capsys, tmp_path)
     run_prep(tmp_path / "m.jsonl", tmp_path / "shards", base_ckpt=base, progress=False, log=lambda m: None)
     ds = ShardDataset(tmp_path / "shards")
     _, val = ds.split(0.5)
-    code, out, err = run(setup["scorers"] + ["--model", str(base), "--shards", str(tmp_path / "shards"), "--val_fraction", "0.5",
-                                 "--out_dir", str(tmp_path / "o")], capsys)
+    code, out, err = run(setup["scorers"] + ["--model", str(base), "--shards", str(tmp_path / "shards"),
+                                             "--val_fraction", "0.5", "--out_dir", str(tmp_path / "o")], capsys)
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "o" / "utterances.jsonl").read_text().splitlines()]
     scored = [ds.sample_ids[i] for i in val if ds.speakers[i] != "cleo"]

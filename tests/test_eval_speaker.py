@@ -66,7 +66,8 @@ def test_relative_buckets_by_hand():
     b = relative_buckets(1000, 320, 800, "cpu")
     assert b[0, 0] == 0 and b[5, 3] == 2 and b[3, 5] == 162 and b[0, 79] == 239
     assert b[999, 0] == 159 and b[0, 999] == 319
-    assert b[0, 80] == 160 + 80 and b[0, 160] == 160 + 80 + int(torch.log(torch.tensor(2.0)) / torch.log(torch.tensor(10.0)) * 80)
+    # distance 160 = 2 * 80: bucket 80 + log(2) / log(800 / 80) * (160 - 80) = 80 + 24.08 -> 104, +160 after the query
+    assert b[0, 80] == 160 + 80 and b[0, 160] == 160 + 104
 
 
 def test_cosine():

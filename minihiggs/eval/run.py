@@ -10,7 +10,6 @@ factor (generation + codec decode seconds per second of audio, per batch). Outpu
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,7 +113,10 @@ def generate_clips(engine: Engine, codec, items: list[EvalItem], cfg: EvalConfig
     return clips
 
 
-def score_model(label: str, items: list[EvalItem], clips: list[Clip], texts: list[str], sv: SpeakerScorer, refs: list[torch.Tensor], truths: list) -> list[dict]:
+def score_model(label: str, items: list[EvalItem], clips: list[Clip], texts: list[str], sv: SpeakerScorer,
+                refs: list[torch.Tensor], truths: list) -> list[dict]:
+    """One row per clip: `texts` are its transcripts, `refs` the reference embeddings, `truths` per item
+    {seconds, sim} of the ground truth (or None)."""
     rows = []
     for it, clip, hyp, ref_emb, truth in zip(items, clips, texts, refs, truths):
         w, c = word_errors(it.text, hyp), char_errors(it.text, hyp)

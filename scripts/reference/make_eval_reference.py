@@ -10,8 +10,8 @@ Writes one directory per set:
   whisper_*/  a WhisperForConditionalGeneration (save_pretrained: config.json, generation_config.json,
               model.safetensors) with a tiny byte-level BPE tokenizer (saved by transformers' WhisperTokenizer),
               `inputs.safetensors` (16 kHz waves, the HF log-mel's first 120 columns, decoder tokens) and
-              `reference.safetensors` (every 5th encoder output row, decoder logits, greedy `generate` ids), `reference.json`
-              (text encodings and decodings by the HF tokenizer, the greedy prompt).
+              `reference.safetensors` (every 5th encoder output row, decoder logits, greedy `generate` ids),
+              `reference.json` (text encodings and decodings by the HF tokenizer, the greedy prompt).
   wavlm_sv*/  a WavLMForXVector (save_pretrained) with `inputs.safetensors` (waves) and `reference.safetensors`
               (per clip: every hidden state and the x-vector embedding), each clip run alone.
 """
@@ -24,7 +24,6 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -40,7 +39,7 @@ SPECIALS = (["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|fr
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
