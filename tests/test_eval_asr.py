@@ -11,12 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minihiggs.audio.mel import log_mel_batch
-from minihiggs.errors import EvalError
+from minihiggs.errors import ConfigError, EvalError
 from minihiggs.eval.asr import Transcriber
 from minihiggs.eval.whisper_text import load_whisper_tokenizer, prompt_ids, transcript
 
@@ -129,4 +130,22 @@ def test_an_untied_output_head_is_refused(ref, tmp_path):
     sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"] + 1
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="proj_out"):
+        Transcriber(tmp_path)
+
+
+def test_a_clip_over_30_s_is_transcribed_per_chunk(ref):
+    _, _, inputs, _, asr = ref
+    w = waves(inputs)[0].numpy()
+    long = np.concatenate([np.tile(w, 31)[:480000], w[:8000]])  # 30 s + 0.5 s
+    first, second = asr.transcribe([long[:480000]])[0], asr.transcribe([long[480000:]])[0]
+    assert asr.transcribe([long]) == [" ".join(t for t in (first, second) if t)]
+
+
+def test_an_80_mel_whisper_is_refused(ref, tmp_path):
+    d, *_ = ref
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((d / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_mel_bins=80)))
+    with pytest.raises(ConfigError, match="num_mel_bins=80"):
         Transcriber(tmp_path)
