@@ -35,11 +35,13 @@ def test_reference_sets_exist():
 
 
 def test_hidden_states_and_embeddings_match(ref):
+    """From the raw wave: the feature extractor's normalisation (where the set's preprocessor_config asks for
+    it), every hidden state, the embedding."""
     _, inputs, out, sv = ref
     for i in range(len(inputs)):
         wave = inputs[f"wave_{i}"]
         with torch.no_grad():
-            states = sv.model.wavlm(wave[None])
+            states = sv.model.wavlm(sv.prepare(wave)[None])
         n = len([k for k in out if k.startswith(f"hidden_{i}_")])
         assert len(states) == n
         for j, h in enumerate(states):

@@ -298,16 +298,21 @@ class SpeakerScorer:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
 
-    @torch.no_grad()
-    def embed(self, wave_16k) -> torch.Tensor:
-        """[xvector_output_dim] float32 embedding of one clip (zero-padded up to the model's shortest input)."""
+    def prepare(self, wave_16k) -> torch.Tensor:
+        """The model input [n] of one clip: as the repo's feature extractor gives it (zero mean, unit variance
+        with `do_normalize`), zero-padded up to the model's shortest input."""
         w = torch.as_tensor(np.asarray(wave_16k, dtype=np.float32)).reshape(-1)
+        if self.normalize:  # Wav2Vec2FeatureExtractor: (x - mean) / sqrt(var + 1e-7), population variance
+            w = (w - w.mean()) / torch.sqrt(w.var(correction=0) + 1e-7)
         if w.numel() < self.model.min_samples():
             w = F.pad(w, (0, self.model.min_samples() - w.numel()))
-        if self.normalize:  # Wav2Vec2FeatureExtractor's zero-mean unit-variance
-            w = (w - w.mean()) / torch.sqrt(w.var(correction=0) + 1e-7)
         p = next(self.model.parameters())
-        return self.model(w[None].to(p.device, p.dtype))[0].float().cpu()
+        return w.to(p.device, p.dtype)
+
+    @torch.no_grad()
+    def embed(self, wave_16k) -> torch.Tensor:
+        """[xvector_output_dim] float32 embedding of one clip."""
+        return self.model(self.prepare(wave_16k)[None])[0].float().cpu()
 
     def similarity(self, wave_a, wave_b) -> float:
         return cosine(self.embed(wave_a), self.embed(wave_b))

@@ -12,8 +12,9 @@ Writes one directory per set:
               `inputs.safetensors` (16 kHz waves, the HF log-mel's first 120 columns, decoder tokens) and
               `reference.safetensors` (every 5th encoder output row, decoder logits, greedy `generate` ids),
               `reference.json` (text encodings and decodings by the HF tokenizer, the greedy prompt).
-  wavlm_sv*/  a WavLMForXVector (save_pretrained) with `inputs.safetensors` (waves) and `reference.safetensors`
-              (per clip: every hidden state and the x-vector embedding), each clip run alone.
+  wavlm_sv*/  a WavLMForXVector and its Wav2Vec2FeatureExtractor (save_pretrained; do_normalize on in one set)
+              with `inputs.safetensors` (raw waves) and `reference.safetensors` (per clip, run alone through the
+              feature extractor and the model: every hidden state and the x-vector embedding).
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def make_whisper(out: Path, seed: int, eos_boost: float, eos_rows: int):
     print(out, "generated", gen.tolist())
 
 
-def make_wavlm(out: Path, seed: int, weighted: bool):
-    from transformers import WavLMConfig, WavLMForXVector
+def make_wavlm(out: Path, seed: int, weighted: bool, normalize: bool):
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -218,11 +219,14 @@ def make_wavlm(out: Path, seed: int, weighted: bool):
         if weighted:
             model.layer_weights.normal_(0, 1)
     model.save_pretrained(out)
+    fe = Wav2Vec2FeatureExtractor(do_normalize=normalize, return_attention_mask=True)
+    fe.save_pretrained(out)
     ws = waves(seed, [0.8, 2.5])  # 2.5 s = 124 frames: relative distances past the exact buckets (80)
     ref = {}
     with torch.no_grad():
         for i, w in enumerate(ws):
-            o = model(w[None], output_hidden_states=True)
+            x = torch.from_numpy(fe(w.numpy(), sampling_rate=16000, return_tensors="np").input_values)
+            o = model(x, output_hidden_states=True)
             ref[f"embedding_{i}"] = o.embeddings[0].contiguous()
             for j, h in enumerate(o.hidden_states):
                 ref[f"hidden_{i}_{j}"] = h[0].contiguous()
@@ -239,8 +243,8 @@ def main():
     out = Path(ap.parse_args().out)
     make_whisper(out / "whisper_tiny", seed=0, eos_boost=1.0, eos_rows=0)
     make_whisper(out / "whisper_tiny_eos", seed=1, eos_boost=3.0, eos_rows=1)
-    make_wavlm(out / "wavlm_sv_weighted", seed=0, weighted=True)
-    make_wavlm(out / "wavlm_sv_last", seed=1, weighted=False)
+    make_wavlm(out / "wavlm_sv_weighted", seed=0, weighted=True, normalize=True)
+    make_wavlm(out / "wavlm_sv_last", seed=1, weighted=False, normalize=False)
 
 
 if __name__ == "__main__":
