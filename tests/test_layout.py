@@ -21,7 +21,7 @@ LAYERS = [
     {"metrics"},
     {"prep", "generate"},
     {"eval"},
-    {"train"},
+    {"train", "ingest"},
     {"export", "tiny", "__init__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
