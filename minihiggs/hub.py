@@ -32,9 +32,10 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: Sequence[str]) -> Path:
+def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: Sequence[str],
+                repo_type: str = "model") -> Path:
     """A local directory for `path_or_repo` (see the module docstring). `what` names it in errors ("checkpoint",
-    "audio tokenizer", "adapter")."""
+    "audio tokenizer", "adapter"); `repo_type` "dataset" for a Hub dataset repo."""
     s = os.fspath(path_or_repo)
     p = Path(s).expanduser()
     if p.is_dir():
@@ -49,13 +50,15 @@ def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: S
 
     offline = hub_offline()
     try:
-        return Path(snapshot_download(s, allow_patterns=list(allow_patterns), local_files_only=offline))
+        return Path(snapshot_download(s, allow_patterns=list(allow_patterns), local_files_only=offline,
+                                      repo_type=repo_type))
     except LocalEntryNotFoundError as e:
         why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else \
             "the Hub cannot be reached (HF_HUB_OFFLINE=0)"
+        kind = f" --repo-type {repo_type}" if repo_type != "model" else ""
         raise HubMissError(
             f"{what} {s!r} is not in the local Hugging Face cache and {why}. Download it on a connected machine "
-            f"with `huggingface-cli download {s} --include {' '.join(allow_patterns)}` (cache: $HF_HOME), "
+            f"with `huggingface-cli download {s}{kind} --include {' '.join(allow_patterns)}` (cache: $HF_HOME), "
             f"or pass a local directory.") from e
     except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP errors: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
