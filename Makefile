@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras lint demo speak smoke prep train plot bench-codec bench bench-generate clean
+.PHONY: venv test test-extras lint demo speak smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
@@ -89,6 +89,10 @@ bench-codec: $(STAMP)
 # frames/s and real-time factor at batch 1 and 8 (`small` shape on CPU; add ARGS="--shape 3b --device cuda" on a GPU)
 bench-generate: $(STAMP)
 	$(PY) scripts/bench_generate.py $(ARGS)
+
+# seconds of scoring per second of audio (Whisper ASR, WavLM SV) on random weights; ARGS="--shape large-v3 --device cuda"
+bench-eval: $(STAMP)
+	$(PY) scripts/bench_eval.py $(ARGS)
 
 # make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also draws it at every validation
 # when matplotlib is installed; this target installs matplotlib into the venv if it is missing)

@@ -20,6 +20,7 @@ LAYERS = [
     {"lora"},
     {"metrics"},
     {"prep", "generate"},
+    {"eval"},
     {"train"},
     {"export", "tiny", "__init__"},
 ]
