@@ -51,14 +51,10 @@ def parse_args(argv=None) -> PrepConfig:
     return parse_flags(PrepConfig, argv, prog="prep.py", description=__doc__.split("\n\n")[0])
 
 
-def prep(argv=None) -> None:
+def main(argv=None) -> int:
     from minihiggs.prep import prepare
 
-    prepare(parse_args(argv))
-
-
-def main(argv=None) -> int:
-    return run(PROG, prep, argv)
+    return run(PROG, lambda args: prepare(parse_args(args)), argv)
 
 
 if __name__ == "__main__":
