@@ -54,7 +54,7 @@ def parse_args(argv=None) -> PrepConfig:
 def main(argv=None) -> int:
     from minihiggs.prep import prepare
 
-    return run(PROG, lambda args: prepare(parse_args(args)), argv)
+    return run(PROG, lambda args: prepare(parse_args(args)) and None, argv)  # (the summary was printed)
 
 
 if __name__ == "__main__":
