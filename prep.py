@@ -54,7 +54,10 @@ def parse_args(argv=None) -> PrepConfig:
 def main(argv=None) -> int:
     from minihiggs.prep import prepare
 
-    return run(PROG, lambda args: prepare(parse_args(args)) and None, argv)  # (the summary was printed)
+    def prep(args) -> None:
+        prepare(parse_args(args))  # (its summary is printed as it goes; the exit code is run's rule)
+
+    return run(PROG, prep, argv)
 
 
 if __name__ == "__main__":
