@@ -161,6 +161,37 @@ def check_resume_compatible(state: dict, record: dict, cfg, world_size: int, ckp
 # saving
 
 
+class _RememberedWrites:
+    """A binary file whose first failed write (its OSError) is remembered: torch's zip writer turns an OSError
+    raised by a write into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ..." (a full disk
+    then reads as a torch bug)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)`, where a failed write (a full disk, a quota) raises its own OSError."""
+    with open(path, "wb") as f:
+        out = _RememberedWrites(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """The optimizer's full state (rank 0; a collective under FSDP2, where the states are sharded)."""
     if is_fsdp(model):
@@ -213,8 +244,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
             if env.is_main:
                 full = {**state, "step": step, "world_size": env.world_size, "optimizer": opt_state, "rng": rngs,
                         "version": 1}
-                with open(tmp / STATE_FILE, "wb") as f:  # (a file object: a full disk is an OSError, not an
-                    torch.save(full, f)                  # opaque RuntimeError of torch's own writer)
+                with writing(final / STATE_FILE, WRITE_HINT):
+                    save_torch_file(full, tmp / STATE_FILE)
                 summary = {k: v for k, v in full.items() if k not in ("optimizer", "scheduler", "rng")}
                 (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str))
                 (tmp / ARGS_FILE).write_text(json.dumps(args_record, indent=2, default=str))

@@ -132,7 +132,8 @@ class LoRARecipe:
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
-        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say)
+        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say,
+                                       self.stop)
 
     def setup_model(self) -> None:
         """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
@@ -233,8 +234,9 @@ class LoRARecipe:
                       "audio_targets": rep["audio_targets"], "best": improved})
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
-        self.render_plot()  # redrawn at every validation: a running job can be looked at
-        self.samples.maybe_write(self.train_model, s.step, validated=True)
+        if self.stop.signal is None:  # (after a stop request the plot comes after the checkpoint)
+            self.render_plot()  # redrawn at every validation: a running job can be looked at
+        self.samples.maybe_write(self.train_model, s.step, validated=True)  # (skipped after a stop request)
         return rep
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
@@ -323,21 +325,21 @@ class LoRARecipe:
         return StepOutcome(vec[:2 + 2 * K], int(vec[-2]), bool(vec[-1] > 0), loss, grad_norm, lr, accepted)
 
     def after_step(self, step: "StepOutcome", window: "LogWindow") -> str | None:
-        """What follows an optimizer step, in order: the non-finite stop, the train log, validation (early stop),
-        audio samples, the checkpoint, a stop request. Returns why the loop must stop, or None."""
+        """What follows an optimizer step, in order: the non-finite stop, the train log, a stop request (the
+        checkpoint comes first: no validation or samples), validation (early stop), audio samples, a stop request
+        that arrived during them, the checkpoint. Returns why the loop must stop, or None."""
         cfg, s = self.cfg, self.state
         if self.nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
             return "nonfinite"
+        self.log_train(step, window)
+        if step.stop_requested:
+            return "signal"
         stop_reason = None
-        if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
-            if window.sums is not None:
-                rep = LossSums.from_vector(window.sums).report()
-                self.log.log({"split": "train", "step": s.step,
-                              "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4), **loss_fields(rep),
-                              "lr": step.lr, "grad_norm": step.grad_norm,
-                              "tokens_per_s": round(window.tokens_per_s(), 1), "tokens": s.tokens})
-            window.reset()
-        if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
+        val_due = bool(self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0)
+        # Validation and samples take long: a stop request during them must not wait for another step. (Every
+        # rank knows whether they were due, so every rank takes part in the check, a collective.)
+        long_work = val_due or self.samples.due(s.step, validated=val_due)
+        if val_due:
             if self.validate() is None:
                 stop_reason = "signal"
             elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
@@ -347,14 +349,26 @@ class LoRARecipe:
                 self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
                          f"(best {s.best_val:.4f} at step {s.best_step})")
         self.samples.maybe_write(self.train_model, s.step)
+        if long_work and stop_reason is None and self.stop_agreed():
+            return "signal"
         if cfg.save_steps and s.step % cfg.save_steps == 0:
             if self.nonfinite_run == 0:
                 self.save("save_steps")
             else:  # never let a checkpoint of a non-finite streak replace the good ones
                 self.say(f"step {s.step}: checkpoint skipped (this update was non-finite)")
-        if step.stop_requested and stop_reason is None:
-            stop_reason = "signal"
         return stop_reason
+
+    def log_train(self, step: "StepOutcome", window: "LogWindow") -> None:
+        """The train metrics of the --log_steps window, at its end."""
+        cfg, s = self.cfg, self.state
+        if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
+            if window.sums is not None:
+                rep = LossSums.from_vector(window.sums).report()
+                self.log.log({"split": "train", "step": s.step,
+                              "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4), **loss_fields(rep),
+                              "lr": step.lr, "grad_norm": step.grad_norm,
+                              "tokens_per_s": round(window.tokens_per_s(), 1), "tokens": s.tokens})
+            window.reset()
 
     def clip_gradients(self) -> torch.Tensor:
         from ..wrappers import full_tensor
@@ -413,9 +427,10 @@ class LoRARecipe:
             return 1
         if stop_reason is None and self.val_set and self.last_val != s.step and self.validate() is None:
             stop_reason = "signal"  # interrupted final validation: the resumed run redoes it, then writes final/
+        if stop_reason is None and self.stop_agreed():  # (a request during the final samples, or after the loop)
+            stop_reason = "signal"
         if stop_reason == "signal":
-            return self.finish_stopped(signal_name)
-        self.samples.maybe_write(self.train_model, s.step, final=True)
+            return self.finish_stopped(signal_name or self.stop.signal)
         if self.last_saved != s.step:
             self.save("end")
         ckpt_io.save_adapter_all_ranks(
@@ -423,6 +438,7 @@ class LoRARecipe:
             info=("final.json", {"step": s.step, "best_step": s.best_step,
                                  "best_val": None if math.isinf(s.best_val) else s.best_val,
                                  "stop_reason": stop_reason or "done"}))
+        self.samples.maybe_write(self.train_model, s.step, final=True)  # (after the checkpoint: it may be abandoned)
         self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
         png = self.render_plot()
         self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "
