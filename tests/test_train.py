@@ -53,6 +53,13 @@ def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
     assert train.main(train_args(shards, tiny_ckpt, resumed, lora_dropout=0.2) + ["--resume", str(mid)]) == 0
     a, b = adapter(straight / "final"), adapter(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_diff(a, b)}"
+    # ... and training did something (identical runs that do nothing would pass the line above): every lora_B
+    # left its zero init, the adapter moved between the checkpoints, and so did the loss
+    assert all(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    six = adapter(mid)
+    assert max_diff(six, a) > 0
+    train_losses = [r["loss"] for r in read_metrics(straight / "metrics.jsonl") if r.get("split") == "train"]
+    assert len(set(train_losses)) == len(train_losses) > 1
     sa = ckpt_io.load_trainer_state(straight / "checkpoints" / "step-00000012")
     sb = ckpt_io.load_trainer_state(resumed / "checkpoints" / "step-00000012")
     for k, v in sa["optimizer"]["state"].items():
