@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """train.py — LoRA fine-tuning of Higgs Audio v2 on shards made by prep.py: one device, DDP or FSDP2.
 
-    python train.py --train_manifest data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
-    torchrun --nproc_per_node=8 train.py --train_manifest ... --output_dir ... [--fsdp]
+    python train.py --shards data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
+    torchrun --nproc_per_node=8 train.py --shards ... --output_dir ... [--fsdp]
     python train.py ... --resume latest          # continue exactly where the newest checkpoint left off
 
 One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on every rank. The loss of the step

@@ -26,7 +26,7 @@ from minihiggs.train import checkpointing as ckpt_io
 from minihiggs.train.data import collate_ids, val_batch_count, val_batches
 from minihiggs.train.distributed import DistEnv
 from minihiggs.train.schedule import lr_factor, warmup_steps
-from minihiggs.train.step import evaluate, train_step
+from minihiggs.train.step import evaluate, forward_backward
 from synth import synth_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,7 +98,8 @@ def test_outputs_metrics_and_plot(straight):
     args = json.loads((d / "train_args.json").read_text())
     assert "--train_manifest" in args["argv"] and args["args"]["lora_dropout"] == 0.2
     state = ckpt_io.load_trainer_state(d)
-    assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch", "sampler"} <= state.keys()
+    assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch"} <= state.keys()
+    assert "sampler" not in state  # the data position has one home: epoch + batches_in_epoch
     assert {"python", "numpy", "torch"} <= state["rng"][0].keys()
     assert torch.equal(adapter(d)[next(iter(adapter(d)))], adapter(straight / "final")[next(iter(adapter(d)))])
 
@@ -205,7 +206,7 @@ def test_final_adapter_loads_with_load_adapter_and_reproduces_val_loss(straight,
 
 
 def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
-    """train_step over k micro-batches (global-count normalisation) == one batch of their union: grads."""
+    """forward_backward over k micro-batches (global-count normalisation) == one batch of their union: grads."""
     samples = synth_samples(6, seed=4)
 
     def grads(groups):
@@ -216,7 +217,7 @@ def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
                 if n.endswith("lora_B.weight"):
                     p.copy_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
         model.train()
-        res = train_step(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
+        res = forward_backward(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, res
 
     g_union, r_union = grads([samples])

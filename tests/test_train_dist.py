@@ -69,7 +69,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
     import faulthandler
 
     from minihiggs.train.distributed import cleanup, init_distributed, wrap_model
-    from minihiggs.train.step import train_step
+    from minihiggs.train.step import forward_backward
     from minihiggs.wrappers import full_tensor
 
     faulthandler.dump_traceback_later(120, exit=True)  # a stalled probe shows where, then fails
@@ -84,7 +84,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
         assert local, "the tower should carry LoRA"
     else:
         assert (b.target_counts()[0] == 0) == (env.rank == 0)
-    res = train_step(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
+    res = forward_backward(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
 
     def grads() -> dict[str, torch.Tensor]:  # (FSDP2: every rank joins each gather, in the same order)
         return {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()
@@ -92,7 +92,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
 
     first = grads()
     wrapped.zero_grad(set_to_none=True)
-    train_step(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
+    forward_backward(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
     second = grads()
     if env.rank == 0:
         torch.save({"grads": first, "grads_text_only": second, "loss_vec": res.sums.as_vector()}, out)
@@ -134,7 +134,7 @@ if __name__ != "__main__":
     from minihiggs.train import checkpointing as ckpt_io
     from minihiggs.model.tiny import write_tiny_checkpoint
     from minihiggs.metrics.jsonl import read_metrics
-    from minihiggs.train.step import train_step
+    from minihiggs.train.step import forward_backward
 
     pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,7 +216,7 @@ if __name__ != "__main__":
         model = lopsided_model(str(ckpt))
         a, t = lopsided_samples(tower)
         cfg = model.config
-        res = train_step(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
+        res = forward_backward(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
                                torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads"].keys() == ref.keys()
@@ -227,7 +227,7 @@ if __name__ != "__main__":
             assert float((got["grads"][n] - ref[n]).abs().max()) <= 1e-5 * scale + 1e-12, n
         assert res.sums.text_count == collate([a], cfg).target_counts()[0] + 3 * collate([t], cfg).target_counts()[0]
         model.zero_grad(set_to_none=True)
-        train_step(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
+        forward_backward(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads_text_only"].keys() == ref.keys()
         assert not any(n.startswith("audio_tower.") for n in ref)

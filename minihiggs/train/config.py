@@ -26,7 +26,8 @@ def _flag(default, help: str, group: str, **argparse_kw):
 @dataclass
 class TrainConfig:
     # -- data and output
-    train_manifest: str = _flag(None, "prepared shard directory (prep.py --out)", "data and output", required=True)
+    shards: str = _flag(None, "the directory of shards prep.py wrote (its --out), not a manifest file",
+                        "data and output", required=True, aliases=("--train_manifest",), metavar="DIR")
     output_dir: str = _flag(None, "run directory (metrics, checkpoints, adapters)", "data and output", required=True)
     base_ckpt: str = _flag(DEFAULT_BASE_REPO, "base checkpoint directory or Hub repo id", "data and output")
     val_fraction: float = _flag(0.05, "validation share, chosen by a stable hash of each sample id (same for every "
@@ -117,7 +118,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kw["action"] = "store_true"
         elif "action" not in kw:
             kw["type"] = _scalar_type(f.type)
-        group.add_argument(f"--{f.name}", **kw)
+        group.add_argument(f"--{f.name}", *kw.pop("aliases", ()), **kw)  # (an alias: a flag's former name)
     return ap
 
 

@@ -7,10 +7,13 @@
 One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples (or, with `--max_tokens_per_batch`, of one
 packed row of samples filling that token budget) on every rank. The step's loss is
 normalised by the step's *global* target counts (all micro-batches, all ranks), so the update equals that of one
-batch holding all of them, whatever the split across micro-batches and devices (`step.train_step`).
+batch holding all of them, whatever the split across micro-batches and devices
+(`step.forward_backward`).
 
-Everything a resume needs is in `self.state` (a `TrainState`) plus the optimizer, scheduler, sampler position and
-RNG streams, all written by `checkpointing.save_checkpoint` and read back in `setup` by the same names.
+Everything a resume needs is in `self.state` (a `TrainState`: the step, the data position as epoch + micro-batches
+consumed, the best-validation bookkeeping) plus the optimizer, the scheduler's step count and every rank's RNG
+streams, all written by `checkpointing.save_checkpoint` and read back in `restore`. The sampler keeps no state of
+its own: it is positioned from `state` at every epoch start (`set_epoch`, `skip`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from .config import TrainConfig
 from .data import LoaderBatches, check_dataset, train_loader, train_sampler, validation_set
 from .distributed import DistEnv, all_reduce_max, all_reduce_sum, is_fsdp, wrap_model
 from .guard import UpdateGuard
-from .preflight import check_output_dir, read_model_config
+from .preflight import check_output_dir, check_shards_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
 from .samples import TrainingSamples
 from .state import TrainState
-from .step import evaluate, loss_fields, train_step
+from .step import evaluate, forward_backward, loss_fields
 
 MAX_NONFINITE_IN_A_ROW = 5
 BROKEN_UPDATE = "update (finite loss and gradients, but the new LoRA weights were non-finite or too large: lower --lr)"
@@ -90,6 +93,38 @@ class LoRARecipe:
         self.state = TrainState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
         self.pbar = None  # the progress bar while the loop runs; messages go through it so they do not tear it
         self.plot_note_shown = False
+        self.nonfinite_run = 0  # rejected updates in a row
+        # Filled by the setup steps, in this order (declared here: every attribute of a recipe in one place).
+        # setup_output
+        self.resume_from: Path | None = None  # the checkpoint resumed from
+        self.saved: dict | None = None  # its trainer state
+        self.resume_changes: list[str] = []  # the settings changed since it ("--lr 0.001 -> 0.0005")
+        self.log = None  # the metric logger (metrics.jsonl and the --report_to sinks)
+        # setup_data
+        self.ds: ShardDataset | None = None
+        self.train_idx: list[int] = []
+        self.val_idx: list[int] = []
+        self.sampler = None  # this rank's resumable batch sampler (positioned from `state` at every epoch start)
+        self.n_batches = 0  # this rank's micro-batches per epoch
+        self.steps_per_epoch = 0
+        self.warmup = 0  # warmup steps
+        self.samples: TrainingSamples | None = None
+        # setup_model
+        self.dtype = torch.float32  # the base model's
+        self.use_compile = False
+        self.lora_report = None
+        self.model = None  # the unwrapped model
+        self.train_model = None  # what the forward goes through: the model, DDP(model) or the FSDP2-sharded model
+        self.loader = None  # the training DataLoader
+        self.val_set: list = []  # this rank's collated validation batches
+        # setup_optimizer
+        self.params: list[torch.nn.Parameter] = []  # the trainable (LoRA) parameters
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.guard: UpdateGuard | None = None
+        self.scheduler = None
+        # restore
+        self.last_saved = -1  # the step of the newest checkpoint of this run (-1: none)
+        self.last_val = -1  # the step of the last validation (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -102,6 +137,7 @@ class LoRARecipe:
     def setup_output(self) -> None:
         """The resume point (--resume), stale temporaries of a killed run, and the metric logger."""
         cfg, env = self.cfg, self.env
+        check_shards_dir(Path(cfg.shards), self.out)
         check_output_dir(self.out)
         self.resume_from = ckpt_io.resolve_resume(cfg.resume, self.out)
         if self.resume_from is None and ckpt_io.list_checkpoints(self.out):
@@ -109,8 +145,8 @@ class LoRARecipe:
                               f"--output_dir")
         self.saved = ckpt_io.load_trainer_state(self.resume_from) if self.resume_from is not None else None
         if self.saved is not None:
-            ckpt_io.check_resume_compatible(self.saved, ckpt_io.read_args_record(self.resume_from), cfg,
-                                            env.world_size, self.resume_from)
+            self.resume_changes = ckpt_io.check_resume_compatible(
+                self.saved, ckpt_io.read_args_record(self.resume_from), cfg, env.world_size, self.resume_from)
         if env.is_main:
             ckpt_io.remove_stale_temporaries(self.out)
         self.log = make_logger(self.out, enabled=env.is_main, report_to=cfg.report_to, config=self.record["args"],
@@ -119,7 +155,7 @@ class LoRARecipe:
     def setup_data(self) -> None:
         """Shards, the stable train/val split, this rank's length-bucketed sampler and the validation batches."""
         cfg, env = self.cfg, self.env
-        self.ds = ShardDataset(cfg.train_manifest)
+        self.ds = ShardDataset(cfg.shards)
         self.train_idx, self.val_idx = self.ds.split(cfg.val_fraction)
         self.sampler = train_sampler(self.ds, self.train_idx, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed,
                                      env.rank, env.world_size)
@@ -194,8 +230,7 @@ class LoRARecipe:
             (self.pbar.write if self.pbar is not None else print)(msg)
 
     def checkpoint_state(self) -> dict:
-        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val,
-                "sampler": self.sampler.state_dict(batches_done=self.state.batches_in_epoch)}
+        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val}
 
     def save(self, reason: str) -> Path:
         s = self.state
@@ -268,7 +303,6 @@ class LoRARecipe:
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
                          dynamic_ncols=True, mininterval=1.0)
         window = LogWindow()  # the current --log_steps window
-        self.nonfinite_run = 0
         batches: LoaderBatches | None = None
         try:
             while s.step < s.total_steps and stop_reason is None:
@@ -306,7 +340,7 @@ class LoRARecipe:
         """Forward + backward over the step's micro-batches, one all-reduce (loss sums and counts, tokens, whether
         any rank was signalled), then the guarded update. A rejected (non-finite) update is logged here."""
         K = self.model.config.audio_num_codebooks
-        res = train_step(self.train_model, micro, self.device, self.env.world_size, K)
+        res = forward_backward(self.train_model, micro, self.device, self.env.world_size, K)
         vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
             [res.tokens, 1.0 if self.stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -403,9 +437,12 @@ class LoRARecipe:
             if self.resume_from is not None:
                 print(f"resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
                       f"{s.batches_in_epoch})")
+                if self.resume_changes:
+                    print(f"settings changed since the checkpoint: {', '.join(self.resume_changes)}")
         if self.saved is not None:
             self.log.truncate_after(s.step)
-            self.log.log({"event": "resume", "step": s.step, "from": str(self.resume_from)})
+            self.log.log({"event": "resume", "step": s.step, "from": str(self.resume_from),
+                          "changed": self.resume_changes})
         else:
             self.log.log({"event": "start", "step": 0, "world_size": env.world_size,
                           "train_samples": len(self.train_idx), "val_samples": len(self.val_idx),

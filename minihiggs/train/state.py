@@ -1,7 +1,8 @@
 """`TrainState`: the loop's bookkeeping, saved into every checkpoint and restored from it by the same code.
 
-What is *not* here is saved next to it by `checkpointing.save_checkpoint`: the optimizer, the LR scheduler's
-step count, the data sampler's position and every rank's RNG streams.
+The data position is here (`epoch`, `batches_in_epoch`) and nowhere else: the resumed sampler is positioned from
+it. What is *not* here is saved next to it by `checkpointing.save_checkpoint`: the optimizer, the LR scheduler's
+step count and every rank's RNG streams.
 """
 
 from __future__ import annotations
