@@ -191,10 +191,17 @@ next(batches)
 raise RuntimeError("a crash with the pass still open")
 """
 
-    def test_loader_workers_ignore_outside_signals_and_never_hang_an_exit(shards, tiny_ckpt):
+    @pytest.mark.parametrize("private", ["with", "without"])
+    def test_loader_workers_ignore_outside_signals_and_never_hang_an_exit(private, shards, tiny_ckpt, monkeypatch):
         """A worker ignores SIGTERM / SIGINT from outside (a scheduler or Ctrl-C signalling the process group),
         so the main process stops it: on close, and at exit for a pass left open (was: Python's exit-time
-        terminate() was ignored too, and its join() waited forever)."""
+        terminate() was ignored too, and its join() waited forever). `without`: a torch without the private
+        `_shutdown_workers` (the orderly shutdown): close still stops the worker."""
+        if private == "without":
+            from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+            monkeypatch.delattr(_MultiProcessingDataLoaderIter, "_shutdown_workers")
+            monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__del__", lambda self: None)  # (it calls it)
         from minihiggs.config import HiggsConfig
         from minihiggs.data.dataset import BucketBatchSampler
         from minihiggs.train.data import LoaderBatches, train_loader
@@ -205,7 +212,7 @@ raise RuntimeError("a crash with the pass still open")
         batches = LoaderBatches(loader)
         try:
             next(batches)
-            (worker,) = batches._it._workers
+            (worker,) = batches.workers
             for sig in ("TERM", "INT"):  # from another process, as a scheduler's or a terminal's would be
                 subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
             time.sleep(0.3)
@@ -214,6 +221,8 @@ raise RuntimeError("a crash with the pass still open")
         finally:
             batches.close()
         assert not worker.is_alive()
+        if private == "without":
+            return
         try:
             r = subprocess.run([sys.executable, "-c", LEFT_OPEN, str(REPO), str(REPO / "tests"), str(shards),
                                 str(Path(tiny_ckpt) / "config.json")], capture_output=True, text=True, timeout=60)
