@@ -293,7 +293,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp
     # a failed write is the user's to fix (a full disk): one line naming the checkpoint, exit 2
     assert train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0)) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("train.py: error: ") and "step-00000008/trainer_state.pt: cannot write (disk full (simulated))" in err
+    assert err.startswith("train.py: error: ")
+    assert "step-00000008/trainer_state.pt: cannot write (disk full (simulated))" in err
     monkeypatch.setattr(ckpt_io.torch, "save", real_save)
     assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]

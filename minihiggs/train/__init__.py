@@ -1,8 +1,8 @@
 """LoRA fine-tuning (what `train.py` / `torchrun train.py` runs).
 
-`config` (TrainConfig: every flag), `state` (TrainState: the resumable bookkeeping), `step` (forward + backward of a step,
-validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals` (the stop
-rule), `guard` (the accepted-update check), `preflight` (up-front checks of the output dir and the config).
+`config` (TrainConfig: every flag), `state` (TrainState: the resumable bookkeeping), `step` (forward + backward
+of a step, validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals`
+(the stop rule), `guard` (the accepted-update check), `preflight` (up-front checks of the output dir and the config).
 """
 
 from __future__ import annotations
