@@ -21,7 +21,8 @@ class TrainState:
     best_val: float = math.inf
     best_step: int | None = None
     bad_evals: int = 0  # validations since the last new best (early stopping)
-    # run settings that a resume must match (see `checkpointing.check_resume_compatible`)
+    # the run's settings when saved: batch_size and seed must match on resume, grad_accum and total_steps may
+    # change (see `checkpointing.check_resume_compatible`)
     batch_size: int = 0
     grad_accum: int = 0
     seed: int = 0
