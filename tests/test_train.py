@@ -330,8 +330,10 @@ def test_shards_flag_takes_prep_output_and_says_so(shards, tiny_ckpt, tmp_path, 
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (manifest, tmp_path / "o1", f"--shards {manifest}: a manifest file, not prepared shards; run prep.py first: "
-                                    f"python prep.py --manifest {manifest} --out {tmp_path / 'shards'} "),
+        (manifest, tmp_path / "o1", f"--shards {manifest}: a file, not the directory of shards prep.py writes; for "
+                                    f"a manifest, run prep.py first: python prep.py --manifest {manifest} --out "
+                                    f"{tmp_path / 'shards'} --base_ckpt BASE, then train with --shards "
+                                    f"{tmp_path / 'shards'}"),
         (empty, tmp_path / "o2", f"--shards {empty}: no index.json, not a directory prep.py wrote (give its --out "
                                  f"directory; run prep.py first)"),
         (shards, shards, f"--output_dir {shards}: is the --shards directory"),

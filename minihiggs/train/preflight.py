@@ -18,16 +18,13 @@ from ..errors import ConfigError, OutputError, ShardError
 from ..model.checkpoint import resolve_checkpoint
 
 
-MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".list")  # what prep.py --manifest reads
-
-
 def check_shards_dir(shards: Path, out: Path) -> None:
     """`--shards` is a directory prep.py wrote (an index.json in it), and `--output_dir` is not it or inside it
     (run files would mix with the shards, and prep.py --overwrite would delete them)."""
-    if shards.is_file() or (not shards.exists() and shards.suffix.lower() in MANIFEST_SUFFIXES):
-        raise ShardError(f"--shards {shards}: a manifest file, not prepared shards; run prep.py first: "
-                         f"python prep.py --manifest {shards} --out {shards.parent / 'shards'} --base_ckpt ... "
-                         f"then train with --shards {shards.parent / 'shards'}")
+    if shards.is_file():
+        raise ShardError(f"--shards {shards}: a file, not the directory of shards prep.py writes; for a manifest, "
+                         f"run prep.py first: python prep.py --manifest {shards} --out {shards.parent / 'shards'} "
+                         f"--base_ckpt BASE, then train with --shards {shards.parent / 'shards'}")
     if not shards.is_dir():
         raise ShardError(f"--shards {shards}: no such directory (give the --out directory of prep.py; run "
                          f"prep.py first)")
