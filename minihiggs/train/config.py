@@ -76,11 +76,13 @@ class TrainConfig:
     sample_steps: int | None = _flag(None, "write audio samples every N steps, at step 0 and at the end (0: off; "
                                            "default: with every validation)", "samples")
     sample_prompts: str | None = _flag(None, "what the samples say: a JSONL in the generate command's format "
-                                             "(default: a few validation samples, each with its speaker's reference)",
+                                             "(default: 4 validation samples on CUDA, 1 on CPU, each with its "
+                                             "speaker's reference)",
                                        "samples")
     sample_codec: str | None = _flag(None, "audio tokenizer that decodes the samples (default: the one prep used, "
                                            "from the shards' index)", "samples")
-    sample_max_frames: int = _flag(500, "decoding iterations per sample (25 per second of audio)", "samples")
+    sample_max_frames: int = _flag(500, "decoding iterations per sample at most (25 per second of audio); a default "
+                                        "sample also stops at twice its own recorded length", "samples")
 
     def validate(self) -> "TrainConfig":
         if self.lora_targets is not None:
