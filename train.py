@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """train.py — LoRA fine-tuning of Higgs Audio v2 on shards made by prep.py: one device, DDP or FSDP2.
 
-    python train.py --train_manifest data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
-    torchrun --nproc_per_node=8 train.py --train_manifest ... --output_dir ... [--fsdp]
+    python train.py --shards data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
+    torchrun --nproc_per_node=8 train.py --shards ... --output_dir ... [--fsdp]
     python train.py ... --resume latest          # continue exactly where the newest checkpoint left off
 
 One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on every rank. The loss of the step
@@ -34,14 +34,15 @@ if str(REPO) not in sys.path:
 
 from minihiggs.errors import UserError  # noqa: E402
 from minihiggs.train import parse_train_args, train  # noqa: E402
-from minihiggs.train.signals import Interrupted  # noqa: E402
+from minihiggs.train.signals import Interrupted, StopRequest  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    """`stop`: an installed stop handler that outlives the run (see `minihiggs.train.train`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = parse_train_args(argv, description=__doc__.split("\n\n")[0])
-        return train(cfg, argv)
+        return train(cfg, argv, stop=stop)
     except UserError as e:
         # Bad shards, checkpoint, config, settings or --resume target: the message names the file and field,
         # and a traceback would only bury it. (One line, also for messages that list several problems.)
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    # The stop handler stays installed until the process exits: a copy of the signal that arrives after the
+    # checkpoint (torchrun forwards the scheduler's SIGTERM late) must meet it, not the default handler.
+    code = main(stop=StopRequest().install())
     if os.environ.get("WORLD_SIZE", "1") != "1":
         # Everything is saved and the process group is destroyed. Skip interpreter teardown: with FSDP2 on gloo
         # it aborts now and then ("terminate called without an active exception", torch 2.13), which would

@@ -26,7 +26,8 @@ def _flag(default, help: str, group: str, **argparse_kw):
 @dataclass
 class TrainConfig:
     # -- data and output
-    train_manifest: str = _flag(None, "prepared shard directory (prep.py --out)", "data and output", required=True)
+    shards: str = _flag(None, "the directory of shards prep.py wrote (its --out), not a manifest file",
+                        "data and output", required=True, aliases=("--train_manifest",), metavar="DIR")
     output_dir: str = _flag(None, "run directory (metrics, checkpoints, adapters)", "data and output", required=True)
     base_ckpt: str = _flag(DEFAULT_BASE_REPO, "base checkpoint directory or Hub repo id", "data and output")
     val_fraction: float = _flag(0.05, "validation share, chosen by a stable hash of each sample id (same for every "
@@ -75,11 +76,13 @@ class TrainConfig:
     sample_steps: int | None = _flag(None, "write audio samples every N steps, at step 0 and at the end (0: off; "
                                            "default: with every validation)", "samples")
     sample_prompts: str | None = _flag(None, "what the samples say: a JSONL in the generate command's format "
-                                             "(default: a few validation samples, each with its speaker's reference)",
+                                             "(default: 4 validation samples on CUDA, 1 on CPU, each with its "
+                                             "speaker's reference)",
                                        "samples")
     sample_codec: str | None = _flag(None, "audio tokenizer that decodes the samples (default: the one prep used, "
                                            "from the shards' index)", "samples")
-    sample_max_frames: int = _flag(500, "decoding iterations per sample (25 per second of audio)", "samples")
+    sample_max_frames: int = _flag(500, "decoding iterations per sample at most (25 per second of audio); a default "
+                                        "sample also stops at twice its own recorded length", "samples")
 
     def validate(self) -> "TrainConfig":
         if self.lora_targets is not None:
@@ -117,7 +120,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kw["action"] = "store_true"
         elif "action" not in kw:
             kw["type"] = _scalar_type(f.type)
-        group.add_argument(f"--{f.name}", **kw)
+        group.add_argument(f"--{f.name}", *kw.pop("aliases", ()), **kw)  # (an alias: a flag's former name)
     return ap
 
 
