@@ -1,15 +1,15 @@
 """`TrainConfig`: every setting of a training run, with its command-line flag, default and help in one place.
 
-`train.py` builds its argparse parser from these fields (`build_parser`), so a flag is declared once; the
+`train.py` builds its flags from these fields (`minihiggs.cli`), so a flag is declared once; the
 validation of combinations lives in `TrainConfig.validate` (a `TrainConfigError`, never `SystemExit`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..cli import flag as _flag, parse_flags
 from ..constants import DEFAULT_BASE_REPO
 from ..errors import TrainConfigError
 from ..lora.apply import DEFAULT_TARGETS
@@ -17,10 +17,6 @@ from ..metrics.logger import parse_report_to
 from .schedule import SCHEDULES
 
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
-
-
-def _flag(default, help: str, group: str, **argparse_kw):
-    return field(default=default, metadata={"help": help, "group": group, **argparse_kw})
 
 
 @dataclass
@@ -106,30 +102,6 @@ class TrainConfig:
         return self
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """The argparse parser of train.py: one flag per `TrainConfig` field, grouped as declared."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        group = groups.setdefault(meta.pop("group"), ap.add_argument_group(f.metadata["group"]))
-        kw = {"help": meta.pop("help"), **meta}
-        if "required" not in kw:
-            kw["default"] = f.default
-        if isinstance(f.default, bool) and "action" not in kw:
-            kw["action"] = "store_true"
-        elif "action" not in kw:
-            kw["type"] = _scalar_type(f.type)
-        group.add_argument(f"--{f.name}", *kw.pop("aliases", ()), **kw)  # (an alias: a flag's former name)
-    return ap
-
-
-def _scalar_type(annotation: str):
-    base = annotation.replace(" | None", "").replace("list[", "").rstrip("]")
-    return {"int": int, "float": float, "str": str}[base]
-
-
 def parse_train_args(argv: list[str] | None = None, description: str = "") -> TrainConfig:
     """Flags -> a validated TrainConfig. Malformed flags exit through argparse (code 2, usage line)."""
-    ns = build_parser(description).parse_args(argv)
-    return TrainConfig(**vars(ns)).validate()
+    return parse_flags(TrainConfig, argv, prog="train.py", description=description).validate()
