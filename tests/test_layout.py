@@ -12,7 +12,7 @@ PKG = REPO / "minihiggs"
 # Lower layers never import higher ones; a package may import itself and anything below.
 LAYERS = [
     {"errors", "constants"},
-    {"hub", "fsio", "wrappers", "config"},
+    {"hub", "fsio", "wrappers", "config", "layouts"},
     {"text", "audio"},
     {"codec"},
     {"data"},
