@@ -12,7 +12,8 @@ PKG = REPO / "minihiggs"
 # Lower layers never import higher ones; a package may import itself and anything below.
 LAYERS = [
     {"errors", "constants"},
-    {"hub", "fsio", "wrappers", "config", "layouts"},
+    {"layouts"},
+    {"hub", "fsio", "wrappers", "config"},
     {"text", "audio"},
     {"codec"},
     {"data"},
