@@ -146,3 +146,14 @@ def writing(path: str | os.PathLike, hint: str = "") -> Iterator[None]:
         raise
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})" + (f" ({hint})" if hint else "")) from e
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
