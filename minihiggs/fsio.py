@@ -157,3 +157,11 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain `open(..., "w")` would (0666 minus the umask): safetensors' writer
+    creates files 0600, which others on a shared machine cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
