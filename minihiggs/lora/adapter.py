@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 from .. import layouts
 from ..errors import AdapterError, UnsupportedAdapterError
 from ..fsio import atomic_dir, file_sha256
-from ..hub import resolve_dir, resolved_revision
+from ..hub import is_repo_id, resolve_dir, split_revision
 from ..wrappers import unwrap
 from .apply import (
     LoRAConfig,
@@ -187,6 +187,12 @@ def to_internal_naming(sd: dict[str, torch.Tensor], where: str) -> tuple[dict[st
     return out, naming
 
 
+def recorded_base(cfg: dict) -> str | None:
+    """The base an adapter_config.json records, pinned to its `revision` when it is a Hub repo id."""
+    name, rev = cfg.get("base_model_name_or_path") or None, cfg.get("revision")
+    return f"{name}@{rev}" if name and rev and is_repo_id(name) else name
+
+
 def adapter_record(adapter_dir: Path, cfg: dict) -> dict:
     """How a merged checkpoint names an adapter it holds (merged_adapters.json)."""
     return {"adapter": str(adapter_dir), "sha256": file_sha256(adapter_dir / ADAPTER_WEIGHTS), "r": cfg["r"],
@@ -302,8 +308,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
     naming = getattr(getattr(model, "config", None), "layout", layouts.LEGACY)
     target_modules = encode_target_modules(model, targets, naming)
     alpha_out = alpha if alpha is not None else (rec.alpha if rec is not None else malpha)
-    cfg = adapter_config_dict(mr, alpha_out, dropout, target_modules, base_model_name_or_path, use_rslora=mrs,
-                              revision=getattr(model, "checkpoint_revision", None), layout=naming)
+    # PEFT reads base_model_name_or_path as a plain repo id: a pinned `owner/name@rev` goes to `revision`, which
+    # holds the commit the weights came from (load_model notes it) whenever there is one.
+    base_name, pinned = split_revision(str(base_model_name_or_path or ""))
+    cfg = adapter_config_dict(mr, alpha_out, dropout, target_modules, base_name, use_rslora=mrs,
+                              revision=getattr(model, "checkpoint_revision", None) or pinned, layout=naming)
 
     tensors = {}
     for k, v in lora_state_dict(model).items():

@@ -44,6 +44,7 @@ from .adapter import (
     merged_adapters,
     read_adapter_config,
     read_adapter_weights,
+    recorded_base,
     resolve_adapter_dir,
     to_internal_naming,
 )
@@ -153,7 +154,7 @@ def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: 
     cfg = read_adapter_config(adapter_dir)
     sd, naming = to_internal_naming(read_adapter_weights(adapter_dir), str(adapter_dir / ADAPTER_WEIGHTS))
     if base is None:
-        base = cfg.get("base_model_name_or_path") or None
+        base = recorded_base(cfg)
         if base is None:
             raise ValueError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; pass --base_ckpt")
     base_dir = resolve_checkpoint(base)
