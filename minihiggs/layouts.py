@@ -132,7 +132,7 @@ def model_config_to_transformers(legacy: Mapping[str, Any], cfg) -> dict:
 
 def generation_config(cfg) -> dict:
     """generation_config.json for a transformers-layout export (the values the converted Hub repo has)."""
-    return {"bos_token_id": cfg.raw.get("text_config", {}).get("bos_token_id", 128000), "eos_token_id": EOT_TOKEN_ID,
+    return {"bos_token_id": cfg.raw.get("text_config", cfg.raw).get("bos_token_id"), "eos_token_id": EOT_TOKEN_ID,
             "pad_token_id": cfg.pad_token_id, "ras_win_len": 7, "ras_win_max_num_repeat": 2, "use_text_head": True}
 
 

@@ -122,15 +122,20 @@ def copy_side_files(base_dir: Path, out_dir: Path, skip: set[str] = frozenset())
     return copied
 
 
-def converted_side_files(base: HiggsConfig, layout: str, codec: str) -> dict[str, dict]:
-    """The side files written instead of the base's when the layout changes (name -> JSON)."""
-    if layout == base.layout:
-        return {}
-    if layout == layouts.LEGACY:
-        return {"config.json": layouts.model_config_to_legacy(base.raw)}
-    return {"config.json": layouts.model_config_to_transformers(base.raw, base),
-            "generation_config.json": layouts.generation_config(base),
-            "processor_config.json": layouts.processor_config(base, codec)}
+def written_side_files(base_dir: Path, base: HiggsConfig, layout: str, codec: str) -> dict[str, dict]:
+    """Side files written instead of (or besides) the base's (name -> JSON): config.json when the layout changes;
+    for the transformers layout the generation and processor configs a transformers user needs, when the base
+    does not ship them in that layout."""
+    out = {}
+    if layout != base.layout:
+        out["config.json"] = layouts.model_config_to_legacy(base.raw) if layout == layouts.LEGACY else \
+            layouts.model_config_to_transformers(base.raw, base)
+    if layout == layouts.TRANSFORMERS:
+        if base.layout == layouts.LEGACY or not (base_dir / "generation_config.json").is_file():
+            out["generation_config.json"] = layouts.generation_config(base)
+        if not (base_dir / "processor_config.json").is_file():
+            out["processor_config.json"] = layouts.processor_config(base, codec)
+    return out
 
 
 def output_key(key: str, base: HiggsConfig, layout: str) -> str | None:
@@ -174,7 +179,7 @@ def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: 
     shapes = {names[k]: tuple(headers[f][0][k]["shape"]) for k, f in order}
     plan = adapter_plan(cfg, sd, shapes, naming)
     scaling = adapter_scaling(cfg)
-    side = converted_side_files(base_cfg, layout, codec)
+    side = written_side_files(base_dir, base_cfg, layout, codec)
     record = {"merged": merged_adapters(base_dir) + [{**adapter_record(adapter_dir, cfg), "layout": layout}]}
 
     out_dir = Path(out_dir)
