@@ -1,0 +1,231 @@
+"""Parity with transformers' own Higgs Audio v2 classes, on the reference sets saved by them in their layout
+(tests/data/hf_reference, written by scripts/reference/make_hf_reference.py; README there says what each holds).
+
+Sets are found through $MINIHIGGS_HF_REFERENCE (default tests/data/hf_reference): a model set is a directory with
+`checkpoint/` (HiggsAudioV2ForConditionalGeneration.save_pretrained), `adapter/` (PEFT's save_pretrained on it),
+`inputs.safetensors` and `outputs.safetensors`; a tokenizer set has `config.json`
+(HiggsAudioV2TokenizerModel.save_pretrained), `init.json` (its weights' recipe), `weights_sha256.json` and
+`io.safetensors`. No name or count of sets is assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from golden import materialized
+from minihiggs import Sample, collate, load_adapter, load_model
+from minihiggs.constants import IGNORE_INDEX
+from minihiggs.data.batch import revert_delay_pattern
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("MINIHIGGS_HF_REFERENCE", str(REPO / "tests" / "data" / "hf_reference")))
+MODEL_SETS = sorted(p.parent for p in ROOT.glob("*/outputs.safetensors") if (p.parent / "checkpoint").is_dir())
+TOKENIZER_SETS = sorted(p.parent for p in ROOT.glob("*/io.safetensors"))
+CLIPS = [(s, name.split(".")[0]) for s in TOKENIZER_SETS
+         for name in sorted(load_file(str(s / "io.safetensors"))) if name.endswith(".waveform")]
+# fp32 on both sides, but other kernels and summation orders (index_copy routing vs masked_scatter, SDPA vs eager
+# attention, oneDNN linears, fused LoRA). Rounding errors scale with the size of the sums, i.e. with the tensor's
+# overall magnitude rather than each element's, so the absolute tolerance is a fraction of the largest |value|
+# (measured: <= 1e-5 of it with an adapter whose update is as large as the base weights), plus a relative one.
+# A real fault (wrong routing, scaling, rope, delay) moves the logits by O(1) of that magnitude.
+ATOL_OF_PEAK, RTOL = 3e-5, 1e-4
+# The decoded waveform goes through ~30 convolutions of up to 1024 channels, alike: a fraction of its peak
+# (measured 6e-5 of it through a legacy-layout copy whose weight norm was re-split, so not bitwise the same weights).
+AUDIO_ATOL_OF_PEAK, AUDIO_RTOL = 1e-4, 1e-4
+
+
+def test_reference_sets_present():
+    assert MODEL_SETS, f"no model reference sets under {ROOT} (set $MINIHIGGS_HF_REFERENCE)"
+    assert TOKENIZER_SETS, f"no audio tokenizer reference sets under {ROOT} (set $MINIHIGGS_HF_REFERENCE)"
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str, atol_of_peak=ATOL_OF_PEAK, rtol=RTOL) -> float:
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
+    atol = atol_of_peak * theirs.abs().max().item()
+    diff = (ours.double() - theirs.double()).abs().max().item() if ours.numel() else 0.0
+    assert torch.allclose(ours.double(), theirs.double(), atol=atol, rtol=rtol), f"{what}: max |diff| {diff:.3g}"
+    return diff
+
+
+# ---- inputs: transformers' layout -> minihiggs samples ------------------------------------------------------
+
+def hf_token_ids(set_dir: Path) -> tuple[int, int]:
+    """(<|AUDIO_OUT|>, delay token) ids of the transformers config."""
+    cfg = json.loads((set_dir / "checkpoint" / "config.json").read_text())
+    return cfg["audio_token_id"], cfg["audio_delay_token_id"]
+
+
+def samples_from_hf_inputs(inp: dict[str, torch.Tensor], audio_id: int, delay_id: int,
+                           num_codebooks: int) -> list[Sample]:
+    """The same utterances as minihiggs samples. transformers has one `<|AUDIO_OUT|>` per audio column with the
+    delay token on the last K-1, and the columns' codes (BOS, codes, EOS, delay pattern applied) in
+    audio_input_ids; minihiggs has one `<|AUDIO_OUT|>` per segment and that segment's plain codes [K, frames]."""
+    samples = []
+    for b in range(inp["input_ids"].shape[0]):
+        ids = inp["input_ids"][b][inp["attention_mask"][b].bool()].tolist()
+        columns = inp["audio_input_ids"][b][inp["audio_input_ids_mask"][b]].T  # [K, columns]
+        out, segments, col, i = [], [], 0, 0
+        while i < len(ids):
+            if ids[i] not in (audio_id, delay_id):
+                out.append(ids[i])
+                i += 1
+                continue
+            j = i
+            while j < len(ids) and ids[j] in (audio_id, delay_id):
+                j += 1
+            run = ids[i:j]
+            assert run[-(num_codebooks - 1):] == [delay_id] * (num_codebooks - 1) and delay_id not in run[:-(num_codebooks - 1)]
+            framed = revert_delay_pattern(columns[:, col:col + len(run)])  # [K, BOS + frames + EOS]
+            segments.append(framed[:, 1:-1].clone())
+            col, i = col + len(run), j
+            out.append(audio_id)
+        assert col == columns.shape[1]
+        ids_t = torch.tensor(out)
+        samples.append(Sample(input_ids=ids_t, label_ids=torch.full_like(ids_t, IGNORE_INDEX), audio_codes=segments,
+                              sample_id=f"row{b}"))
+    return samples
+
+
+@pytest.fixture(scope="module", params=MODEL_SETS, ids=lambda p: p.name)
+def model_set(request):
+    d = request.param
+    inp, ref = load_file(str(d / "inputs.safetensors")), load_file(str(d / "outputs.safetensors"))
+    return d, inp, ref
+
+
+def _batch(set_dir: Path, inp: dict, model):
+    audio_id, delay_id = hf_token_ids(set_dir)
+    return collate(samples_from_hf_inputs(inp, audio_id, delay_id, model.config.audio_num_codebooks), model.config)
+
+
+def test_inputs_mean_the_same(model_set):
+    """minihiggs' collate of the converted samples lays out exactly transformers' sequence: the same token at
+    every text position, audio columns at the same positions holding the same codes (delay pattern included)."""
+    d, inp, _ = model_set
+    model = load_model(d / "checkpoint")
+    audio_id, delay_id = hf_token_ids(d)
+    batch = _batch(d, inp, model)
+    theirs = inp["attention_mask"].bool()
+    assert torch.equal(batch.attention_mask.sum(1), theirs.sum(1))
+    hf_ids = inp["input_ids"].masked_fill(inp["input_ids"] == delay_id, audio_id)[theirs]
+    assert torch.equal(batch.input_ids[batch.attention_mask], hf_ids)
+    hf_audio = (inp["input_ids"] == audio_id) | (inp["input_ids"] == delay_id)
+    assert torch.equal(batch.audio_out_mask[batch.attention_mask], hf_audio[theirs])
+    assert torch.equal(batch.audio_out_codes, inp["audio_input_ids"][inp["audio_input_ids_mask"]].T)
+
+
+@torch.no_grad()
+def minihiggs_logits(model, batch) -> dict[str, torch.Tensor]:
+    """Text and audio logits at every real position, row-major ([N, vocab], [N, K * (codebook_size + 2)])."""
+    hidden = model.forward_hidden(batch).hidden[batch.attention_mask]
+    text = hidden @ model.audio_decoder_proj.text_lm_head.weight.T
+    return dict(text_logits=text, audio_logits=model.audio_logits(hidden).reshape(hidden.shape[0], -1))
+
+
+def _compare(ours: dict, ref: dict, mask: torch.Tensor, prefix: str, what: str) -> dict[str, float]:
+    return {k: _close(ours[k], ref[prefix + k][mask], f"{what} {prefix}{k}") for k in ("text_logits", "audio_logits")}
+
+
+def test_logits_match_transformers(model_set):
+    d, inp, ref = model_set
+    model = load_model(d / "checkpoint")
+    _compare(minihiggs_logits(model, _batch(d, inp, model)), ref, inp["attention_mask"].bool(), "", d.name)
+
+
+def test_peft_adapter_logits_match(model_set):
+    """The adapter PEFT saved on the transformers model (module paths `base_model.model.model.layers...`) loads
+    onto every module it names and gives PEFT's adapted logits, which differ from the base ones."""
+    d, inp, ref = model_set
+    model = load_model(d / "checkpoint")
+    report = load_adapter(model, d / "adapter")
+    n_b = sum(1 for k in load_file(str(d / "adapter" / "adapter_model.safetensors")) if ".lora_B." in k)
+    assert len(report.modules) == n_b
+    mask = inp["attention_mask"].bool()
+    _compare(minihiggs_logits(model, _batch(d, inp, model)), ref, mask, "adapted_", d.name)
+    assert not torch.allclose(ref["adapted_text_logits"], ref["text_logits"], atol=1e-3)
+
+
+# Written by the saving library, not part of what the checkpoint means.
+CONFIG_BOOKKEEPING = {"transformers_version"}
+
+
+def test_export_round_trips_bitwise(model_set, tmp_path):
+    """transformers layout -> minihiggs -> `python -m minihiggs.export --layout transformers`: the same keys,
+    shapes and bytes as transformers saved, and the same config. The adapter merged in is freshly initialised
+    (lora_B = 0), so every merged weight is W + 0 = W exactly."""
+    from minihiggs import apply_lora, save_adapter
+    from minihiggs.export import main as export_main
+
+    d, _, _ = model_set
+    model = load_model(d / "checkpoint")
+    apply_lora(model, r=2, alpha=4, targets=["q_proj", "audio_mlp.up_proj"], seed=0)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(d / "checkpoint"))
+    out = tmp_path / "export"
+    assert export_main(["--adapter", str(tmp_path / "adapter"), "--out", str(out), "--layout", "transformers"]) == 0
+    theirs = load_file(str(d / "checkpoint" / "model.safetensors"))
+    ours = {}
+    for f in sorted(out.glob("*.safetensors")):
+        ours.update(load_file(str(f)))
+    assert sorted(ours) == sorted(theirs), (sorted(set(ours) ^ set(theirs)))[:10]
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+        assert torch.equal(ours[k].view(torch.uint8), v.view(torch.uint8)), f"{k}: bytes differ"
+    cfg = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in CONFIG_BOOKKEEPING}
+    want = {k: v for k, v in json.loads((d / "checkpoint" / "config.json").read_text()).items()
+            if k not in CONFIG_BOOKKEEPING}
+    assert cfg == want, {k: (cfg.get(k), want.get(k)) for k in set(cfg) | set(want) if cfg.get(k) != want.get(k)}
+
+
+# ---- audio tokenizer ---------------------------------------------------------------------------------------
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    """The tokenizer directory transformers saved (its config.json, the weights regenerated from the recipe and
+    checked tensor by tensor against the sha256 of what transformers saved), loaded by minihiggs."""
+    from minihiggs.codec import AudioTokenizer
+
+    cache: dict[Path, AudioTokenizer] = {}
+
+    def get(set_dir: Path) -> AudioTokenizer:
+        if set_dir not in cache:
+            weights = materialized(set_dir)
+            want = json.loads((set_dir / "weights_sha256.json").read_text())
+            got = load_file(str(weights))
+            assert sorted(got) == sorted(want)
+            bad = [k for k, v in got.items() if _sha256(v) != want[k]]
+            assert not bad, f"{set_dir.name}: regenerated weights differ from transformers' for {bad[:5]}"
+            del got
+            d = tmp_path_factory.mktemp(set_dir.name)
+            shutil.copy(set_dir / "config.json", d / "config.json")
+            (d / "model.safetensors").symlink_to(weights)
+            cache[set_dir] = AudioTokenizer.from_pretrained(d)
+        return cache[set_dir]
+
+    return get
+
+
+@pytest.mark.parametrize("set_dir,clip", CLIPS, ids=[f"{s.name}-{c}" for s, c in CLIPS])
+def test_codec_matches_transformers(codec, set_dir, clip):
+    """Codes are compared exactly: both sides compute the same fp32 ops and take an argmax over distances, and
+    the clips were chosen with acoustic and semantic frame counts equal (transformers pads otherwise)."""
+    io = load_file(str(set_dir / "io.safetensors"))
+    tok = codec(set_dir)
+    codes = tok.encode(io[f"{clip}.waveform"])
+    want = io[f"{clip}.codes"]
+    assert codes.shape == want.shape
+    agree = (codes == want).float().mean().item()
+    assert torch.equal(codes, want), f"{set_dir.name}/{clip}: {agree:.4f} of the codes agree"
+    audio = tok.decode(want)
+    _close(audio, io[f"{clip}.audio"], f"{set_dir.name}/{clip} decoded audio", AUDIO_ATOL_OF_PEAK, AUDIO_RTOL)
