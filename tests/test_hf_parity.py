@@ -1,9 +1,9 @@
 """Parity with transformers' own Higgs Audio v2 classes, on the reference sets saved by them in their layout
 (tests/data/hf_reference, written by scripts/reference/make_hf_reference.py; README there says what each holds).
 
-Sets are found through $MINIHIGGS_HF_REFERENCE (default tests/data/hf_reference): a model set is a directory with
-`checkpoint/` (HiggsAudioV2ForConditionalGeneration.save_pretrained), `adapter/` (PEFT's save_pretrained on it),
-`inputs.safetensors` and `outputs.safetensors`; a tokenizer set has `config.json`
+Sets are found through $MINIHIGGS_HF_REFERENCE (default tests/data/hf_reference; tests/hf_inputs.py): a model
+set is a directory with `checkpoint/` (HiggsAudioV2ForConditionalGeneration.save_pretrained), `adapter/` (PEFT's
+save_pretrained on it), `inputs.safetensors` and `outputs.safetensors`; a tokenizer set has `config.json`
 (HiggsAudioV2TokenizerModel.save_pretrained), `init.json` (its weights' recipe), `weights_sha256.json` and
 `io.safetensors`. No name or count of sets is assumed.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,14 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from golden import materialized
-from minihiggs import Sample, collate, load_adapter, load_model
-from minihiggs.constants import IGNORE_INDEX
-from minihiggs.data.batch import revert_delay_pattern
+from hf_inputs import ROOT, batch_from_hf_inputs, hf_token_ids, minihiggs_logits, model_sets, tokenizer_sets
+from minihiggs import load_adapter, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-ROOT = Path(os.environ.get("MINIHIGGS_HF_REFERENCE", str(REPO / "tests" / "data" / "hf_reference")))
-MODEL_SETS = sorted(p.parent for p in ROOT.glob("*/outputs.safetensors") if (p.parent / "checkpoint").is_dir())
-TOKENIZER_SETS = sorted(p.parent for p in ROOT.glob("*/io.safetensors"))
+MODEL_SETS = model_sets()
+TOKENIZER_SETS = tokenizer_sets()
 CLIPS = [(s, name.split(".")[0]) for s in TOKENIZER_SETS
          for name in sorted(load_file(str(s / "io.safetensors"))) if name.endswith(".waveform")]
 # fp32 on both sides, but other kernels and summation orders (index_copy routing vs masked_scatter, SDPA vs eager
@@ -55,45 +51,6 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str, atol_of_peak=ATO
     return diff
 
 
-# ---- inputs: transformers' layout -> minihiggs samples ------------------------------------------------------
-
-def hf_token_ids(set_dir: Path) -> tuple[int, int]:
-    """(<|AUDIO_OUT|>, delay token) ids of the transformers config."""
-    cfg = json.loads((set_dir / "checkpoint" / "config.json").read_text())
-    return cfg["audio_token_id"], cfg["audio_delay_token_id"]
-
-
-def samples_from_hf_inputs(inp: dict[str, torch.Tensor], audio_id: int, delay_id: int,
-                           num_codebooks: int) -> list[Sample]:
-    """The same utterances as minihiggs samples. transformers has one `<|AUDIO_OUT|>` per audio column with the
-    delay token on the last K-1, and the columns' codes (BOS, codes, EOS, delay pattern applied) in
-    audio_input_ids; minihiggs has one `<|AUDIO_OUT|>` per segment and that segment's plain codes [K, frames]."""
-    samples = []
-    for b in range(inp["input_ids"].shape[0]):
-        ids = inp["input_ids"][b][inp["attention_mask"][b].bool()].tolist()
-        columns = inp["audio_input_ids"][b][inp["audio_input_ids_mask"][b]].T  # [K, columns]
-        out, segments, col, i = [], [], 0, 0
-        while i < len(ids):
-            if ids[i] not in (audio_id, delay_id):
-                out.append(ids[i])
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] in (audio_id, delay_id):
-                j += 1
-            run = ids[i:j]
-            assert run[-(num_codebooks - 1):] == [delay_id] * (num_codebooks - 1) and delay_id not in run[:-(num_codebooks - 1)]
-            framed = revert_delay_pattern(columns[:, col:col + len(run)])  # [K, BOS + frames + EOS]
-            segments.append(framed[:, 1:-1].clone())
-            col, i = col + len(run), j
-            out.append(audio_id)
-        assert col == columns.shape[1]
-        ids_t = torch.tensor(out)
-        samples.append(Sample(input_ids=ids_t, label_ids=torch.full_like(ids_t, IGNORE_INDEX), audio_codes=segments,
-                              sample_id=f"row{b}"))
-    return samples
-
-
 @pytest.fixture(scope="module", params=MODEL_SETS, ids=lambda p: p.name)
 def model_set(request):
     d = request.param
@@ -102,8 +59,7 @@ def model_set(request):
 
 
 def _batch(set_dir: Path, inp: dict, model):
-    audio_id, delay_id = hf_token_ids(set_dir)
-    return collate(samples_from_hf_inputs(inp, audio_id, delay_id, model.config.audio_num_codebooks), model.config)
+    return batch_from_hf_inputs(set_dir / "checkpoint", inp, model)
 
 
 def test_inputs_mean_the_same(model_set):
@@ -111,7 +67,7 @@ def test_inputs_mean_the_same(model_set):
     every text position, audio columns at the same positions holding the same codes (delay pattern included)."""
     d, inp, _ = model_set
     model = load_model(d / "checkpoint")
-    audio_id, delay_id = hf_token_ids(d)
+    audio_id, delay_id = hf_token_ids(d / "checkpoint")
     batch = _batch(d, inp, model)
     theirs = inp["attention_mask"].bool()
     assert torch.equal(batch.attention_mask.sum(1), theirs.sum(1))
@@ -120,14 +76,6 @@ def test_inputs_mean_the_same(model_set):
     hf_audio = (inp["input_ids"] == audio_id) | (inp["input_ids"] == delay_id)
     assert torch.equal(batch.audio_out_mask[batch.attention_mask], hf_audio[theirs])
     assert torch.equal(batch.audio_out_codes, inp["audio_input_ids"][inp["audio_input_ids_mask"]].T)
-
-
-@torch.no_grad()
-def minihiggs_logits(model, batch) -> dict[str, torch.Tensor]:
-    """Text and audio logits at every real position, row-major ([N, vocab], [N, K * (codebook_size + 2)])."""
-    hidden = model.forward_hidden(batch).hidden[batch.attention_mask]
-    text = hidden @ model.audio_decoder_proj.text_lm_head.weight.T
-    return dict(text_logits=text, audio_logits=model.audio_logits(hidden).reshape(hidden.shape[0], -1))
 
 
 def _compare(ours: dict, ref: dict, mask: torch.Tensor, prefix: str, what: str) -> dict[str, float]:
