@@ -6,11 +6,16 @@ transformers; this module needs only minihiggs). $MINIHIGGS_HF_REFERENCE points 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from golden import materialized
 
 from minihiggs import Sample, collate
 from minihiggs.constants import IGNORE_INDEX
@@ -27,6 +32,31 @@ def model_sets(root: Path = ROOT) -> list[Path]:
 
 def tokenizer_sets(root: Path = ROOT) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/io.safetensors"))
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def checkpoint_dir(saved: Path, tmp_root: Path) -> Path:
+    """The directory transformers saved, rebuilt in `tmp_root`: `saved` (a set's `checkpoint/`) holds its small
+    files plus init.json, from which the weights are regenerated once into the cache ($MINIHIGGS_CACHE, as the
+    golden sets), and weights_sha256.json, against which every regenerated tensor is checked (so the weights are
+    bitwise those transformers saved)."""
+    saved = Path(saved)
+    weights = materialized(saved)
+    want = json.loads((saved / "weights_sha256.json").read_text())
+    got = load_file(str(weights))
+    if sorted(got) != sorted(want) or any(sha256_tensor(v) != want[k] for k, v in got.items()):
+        raise AssertionError(f"{weights}: the regenerated weights are not those of {saved}/weights_sha256.json")
+    d = Path(tmp_root) / f"{saved.parent.name}-{saved.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in saved.iterdir():
+        if f.name not in ("init.json", "weights_sha256.json", "config_defaults.json"):
+            shutil.copy(f, d / f.name)
+    if not (d / "model.safetensors").exists():
+        (d / "model.safetensors").symlink_to(weights)
+    return d
 
 
 def hf_token_ids(checkpoint: Path) -> tuple[int, int]:
@@ -75,8 +105,12 @@ def batch_from_hf_inputs(checkpoint: Path, inp: dict[str, torch.Tensor], model) 
 
 
 @torch.no_grad()
-def minihiggs_logits(model, batch: Batch) -> dict[str, torch.Tensor]:
-    """Text and audio logits at every real position, row-major ([N, vocab], [N, K * (codebook_size + 2)])."""
+def minihiggs_logits(model, batch: Batch, text_cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """At every real position, row-major: the text logits of the columns `text_cols` [N, C], their log-sum-exp
+    and argmax over the whole vocabulary [N], and the audio logits [N, K * (codebook_size + 2)] (the names of a
+    model set's outputs.safetensors)."""
     hidden = model.forward_hidden(batch).hidden[batch.attention_mask]
     text = hidden @ model.audio_decoder_proj.text_lm_head.weight.T
-    return dict(text_logits=text, audio_logits=model.audio_logits(hidden).reshape(hidden.shape[0], -1))
+    return dict(text_logits_cols=text[:, text_cols], text_logits_lse=torch.logsumexp(text, -1),
+                text_logits_argmax=text.argmax(-1),
+                audio_logits=model.audio_logits(hidden).reshape(hidden.shape[0], -1))

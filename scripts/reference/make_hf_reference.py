@@ -34,14 +34,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "data" / "hf_reference"))
 from materialize import recipe_tensors  # noqa: E402  (the weight recipe the tests re-run without transformers)
 
-# Token ids of the tiny models: the released ids shifted down by 127800 so that they fit a 256-token vocabulary
-# while keeping their order and spacing (audio_eos 212, audio_out_bos 213, delay 214, <|AUDIO|> 215,
-# <|AUDIO_OUT|> 216, pad 201, eos 209).
-SHIFT = 127800
-TOKENS = dict(audio_token_id=128016 - SHIFT, audio_bos_token_id=128013 - SHIFT,
-              audio_delay_token_id=128014 - SHIFT, pad_token_id=128001 - SHIFT, bos_token_id=1,
-              eos_token_id=128009 - SHIFT)
-AUDIO_EOS = 128012 - SHIFT  # <|audio_eos|>: a plain text token to the model
+# The released token ids (the config class defaults, which the model sets keep): the mapping to minihiggs fills the
+# ids the transformers config has no field for (`<|AUDIO|>`) with the released vocabulary's, so the vocabulary is
+# the released 128256 too; its 8 MB embedding and text head are why the weights are regenerated, not committed.
+AUDIO_EOS = 128012  # <|audio_eos|>: a plain text token to the model
+TEXT_IDS = (2, 128000)  # random text tokens come from the ordinary (non-special) vocabulary
+N_RANDOM_TEXT_COLUMNS = 64  # text logit columns stored besides those of the ids in the inputs
 
 MODEL_SETS = {
     # llama3 RoPE with a small original context so that its rescaling band is exercised at these positions.
@@ -79,18 +77,48 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 # ---- generation model ----------------------------------------------------------------------------------------
 
-def randomize_model(model: torch.nn.Module, seed: int) -> None:
-    """Every weight random with a scale that keeps activations O(1), norms around 1 (text and audio norms differ,
-    so routing a position to the wrong branch changes the logits)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+def model_rule(name: str, t: torch.Tensor) -> tuple[float, float]:
+    """Norms 1 + N(0, 0.2) (text and audio norms differ, so routing a position to the wrong branch changes the
+    logits), embeddings N(0, 1), linears N(0, 1/fan_in): activations stay O(1)."""
+    if name.endswith("norm.weight"):
+        return 1.0, 0.2
+    if "embed" in name:
+        return 0.0, 1.0
+    return 0.0, 1.0 / math.sqrt(t.shape[1])
+
+
+def recipe(model: torch.nn.Module, seed: int, rule) -> dict:
+    """Per tensor of the state dict (sorted by name): [name, shape, mean, std, seed] of its normal draw (std 0: the
+    constant mean), what materialize.py regenerates."""
+    entries = []
+    for i, (name, t) in enumerate(sorted(model.state_dict().items())):
+        assert t.dtype == torch.float32, f"{name}: {t.dtype}"
+        mean, std = rule(name, t)
+        entries.append([name, list(t.shape), mean, std, seed * 100003 + i])
+    return dict(dtype="float32", tensors=entries)
+
+
+def save_recipe_checkpoint(model: torch.nn.Module, rec: dict, out: Path) -> dict[str, torch.Tensor]:
+    """model.save_pretrained into a scratch folder, then keep in `out` its small files plus init.json (the recipe
+    of what it saved) and weights_sha256.json (each saved tensor's sha256). Returns the saved tensors."""
+    from safetensors.torch import load_file
+
+    weights = recipe_tensors(rec)
+    tmp = out.parent / f".{out.parent.name}-save"
+    model.save_pretrained(tmp)
+    saved = load_file(str(tmp / "model.safetensors"))
+    assert set(saved) <= set(weights), sorted(set(saved) - set(weights))[:5]
+    for k, v in saved.items():
+        assert torch.equal(v, weights[k]), f"{k}: saved tensor differs from the recipe"
+    out.mkdir(parents=True)
+    for f in sorted(tmp.iterdir()):
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    (out / "init.json").write_text(json.dumps({**rec, "tensors": [e for e in rec["tensors"] if e[0] in saved]}))
+    (out / "weights_sha256.json").write_text(json.dumps({k: sha256_tensor(v) for k, v in sorted(saved.items())},
+                                                        indent=0))
+    shutil.rmtree(tmp)
+    return saved
 
 
 def build_rows(spec: dict, cfg, g: torch.Generator) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
@@ -99,12 +127,11 @@ def build_rows(spec: dict, cfg, g: torch.Generator) -> tuple[list[list[int]], li
     Returns the rows and, per row, each segment's audio columns [columns, K] (BOS, codes, EOS, delay pattern)."""
     k = cfg.num_codebooks
     codes_max = cfg.audio_stream_bos_id  # real codes are [0, audio_stream_bos_id)
-    text_ids = [i for i in range(2, 200)]
     rows, cols = [], []
     for row_spec in spec["rows"]:
-        ids, segs = [TOKENS["bos_token_id"]], []
+        ids, segs = [cfg.bos_token_id], []
         for n_text, n_frames in row_spec:
-            ids += [text_ids[int(j)] for j in torch.randint(0, len(text_ids), (n_text,), generator=g)]
+            ids += torch.randint(*TEXT_IDS, (n_text,), generator=g).tolist()
             if n_frames is None:
                 continue
             codes = torch.randint(0, codes_max, (k, n_frames), generator=g)
@@ -113,8 +140,8 @@ def build_rows(spec: dict, cfg, g: torch.Generator) -> tuple[list[list[int]], li
             delayed = delay_pattern(framed, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id)
             segs.append(delayed.T.contiguous())
             n_cols = delayed.shape[1]
-            ids += [TOKENS["audio_bos_token_id"]] + [TOKENS["audio_token_id"]] * (n_cols - (k - 1)) \
-                + [TOKENS["audio_delay_token_id"]] * (k - 1) + [AUDIO_EOS]
+            ids += [cfg.audio_bos_token_id] + [cfg.audio_token_id] * (n_cols - (k - 1)) \
+                + [cfg.audio_delay_token_id] * (k - 1) + [AUDIO_EOS]
         rows.append(ids)
         cols.append(segs)
     return rows, cols
@@ -135,7 +162,7 @@ def model_inputs(rows: list[list[int]], cols: list[list[torch.Tensor]], cfg) -> 
     """Right-padded batch: input_ids [B, L], attention_mask [B, L], audio_input_ids [B, F, K] (each row's audio
     columns in order, padded with the stream EOS), audio_input_ids_mask [B, F]."""
     b, length = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((b, length), TOKENS["pad_token_id"], dtype=torch.long)
+    input_ids = torch.full((b, length), cfg.pad_token_id, dtype=torch.long)
     attention = torch.zeros((b, length), dtype=torch.long)
     per_row = [torch.cat(c, 0) if c else torch.zeros((0, cfg.num_codebooks), dtype=torch.long) for c in cols]
     frames = max(c.shape[0] for c in per_row)
@@ -151,14 +178,17 @@ def model_inputs(rows: list[list[int]], cols: list[list[torch.Tensor]], cfg) -> 
 
 
 @torch.no_grad()
-def logits(model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Text logits (text_lm_head on the last hidden state) and audio logits (the forward's `logits`)."""
+def logits(model, inputs: dict[str, torch.Tensor], cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Audio logits (the forward's `logits`) and text logits (text_lm_head on the last hidden state): the 128256
+    columns are too many to keep, so the columns `cols`, the log-sum-exp and the argmax over all of them."""
     out = model(**inputs, use_cache=False)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: LoRA injected
     hidden = inner.model(**inputs, use_cache=False).last_hidden_state
     audio = inner.audio_lm_head(hidden)
     assert torch.equal(audio, out.logits), "forward logits are not audio_lm_head(last hidden state)"
-    return dict(text_logits=inner.text_lm_head(hidden), audio_logits=out.logits)
+    text = inner.text_lm_head(hidden)
+    return dict(text_logits_cols=text[..., cols], text_logits_lse=torch.logsumexp(text, -1),
+                text_logits_argmax=text.argmax(-1), audio_logits=out.logits)
 
 
 def make_model_set(out: Path, name: str, spec: dict) -> dict:
@@ -167,20 +197,23 @@ def make_model_set(out: Path, name: str, spec: dict) -> dict:
 
     torch.manual_seed(spec["seed"])
     cfg = HiggsAudioV2Config(
-        vocab_size=256, hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+        hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
         num_key_value_heads=spec["num_key_value_heads"], head_dim=spec["head_dim"],
         num_codebooks=spec["num_codebooks"], codebook_size=spec["codebook_size"],
         audio_stream_bos_id=spec["codebook_size"] - 2, audio_stream_eos_id=spec["codebook_size"] - 1,
-        rope_parameters=spec["rope_parameters"], max_position_embeddings=256, **TOKENS)
+        rope_parameters=spec["rope_parameters"], max_position_embeddings=256)
     cfg._attn_implementation = "eager"
     model = HiggsAudioV2ForConditionalGeneration(cfg, use_text_head=True).eval()
-    randomize_model(model, spec["seed"])
+    rec = recipe(model, spec["seed"], model_rule)
+    model.load_state_dict(recipe_tensors(rec), strict=True)
     d = out / name
     if d.exists():
         shutil.rmtree(d)
-    d.mkdir(parents=True)
-    model.save_pretrained(d / "checkpoint")
+    save_recipe_checkpoint(model, rec, d / "checkpoint")
+    # transformers' value for every config field, so that a config missing a field can be told equivalent
+    (d / "checkpoint" / "config_defaults.json").write_text(json.dumps(HiggsAudioV2Config().to_dict(), indent=2,
+                                                                      sort_keys=True))
 
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     rows, cols = build_rows(spec, cfg, g)
@@ -194,7 +227,10 @@ def make_model_set(out: Path, name: str, spec: dict) -> dict:
                                    audio_stream_eos_id=cfg.audio_stream_eos_id))(), framed[None])[0]
             assert torch.equal(proc.T, c)
     inputs = model_inputs(rows, cols, cfg)
-    ref = logits(model, inputs)
+    used = inputs["input_ids"].unique()
+    extra = torch.randint(0, cfg.vocab_size, (N_RANDOM_TEXT_COLUMNS,), generator=g)
+    text_cols = torch.cat([used, extra]).unique()
+    ref = logits(model, inputs, text_cols)
 
     lcfg = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["lora_alpha"],
                       use_rslora=spec["lora"]["use_rslora"], target_modules=LORA_TARGETS, lora_dropout=0.0)
@@ -203,16 +239,19 @@ def make_model_set(out: Path, name: str, spec: dict) -> dict:
     with torch.no_grad():
         for pname, p in sorted(peft_model.named_parameters()):
             if ".lora_A." in pname or ".lora_B." in pname:  # nonzero B, so the adapter changes every output
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+                # an update of about a tenth of the base weights' size (B: 0.1 / sqrt(r))
+                scale = 1.0 if ".lora_A." in pname else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * scale / math.sqrt(p.shape[1]))
     peft_model.save_pretrained(d / "adapter")
-    adapted = logits(peft_model, inputs)
+    adapted = logits(peft_model, inputs, text_cols)
     n_lora = sum(1 for pname, _ in peft_model.named_parameters() if ".lora_B." in pname)
-    for key in ref:
+    for key in ("text_logits_cols", "text_logits_lse", "audio_logits"):
         assert not torch.allclose(ref[key], adapted[key], atol=1e-3), f"{name}: the adapter leaves {key} unchanged"
 
     save_tensors(d / "inputs.safetensors", inputs)
-    save_tensors(d / "outputs.safetensors", {**ref, **{f"adapted_{k}": v for k, v in adapted.items()}})
-    return dict(kind="model", lora_modules=n_lora, text_logits=list(ref["text_logits"].shape),
+    save_tensors(d / "outputs.safetensors", {**ref, "text_logits_cols_ids": text_cols,
+                                             **{f"adapted_{k}": v for k, v in adapted.items()}})
+    return dict(kind="model", lora_modules=n_lora, text_logits_cols=list(ref["text_logits_cols"].shape),
                 audio_logits=list(ref["audio_logits"].shape))
 
 
@@ -227,32 +266,23 @@ def tokenizer_config():
         acoustic_model_config=dict(downsampling_ratios=[8, 5, 4, 2, 3], upsampling_ratios=[8, 5, 4, 2, 3]))
 
 
-def tokenizer_recipe(model: torch.nn.Module, seed: int) -> dict:
-    """Per tensor (sorted by name): shape, mean, std and seed of its normal draw (std 0: the constant mean).
-    Convs and linears 1/sqrt(fan-in); norms 1 (+ noise); Snake alpha around 1; codebooks unit normal."""
-    entries = []
-    for i, (name, t) in enumerate(sorted(model.state_dict().items())):
-        shape = list(t.shape)
-        if name.endswith("alpha"):
-            mean, std = 1.0, 0.1
-        elif name.endswith(("codebook.embed", "codebook.embed_avg")):
-            mean, std = 0.0, 1.0
-        elif name.endswith("codebook.inited") or name.endswith("codebook.cluster_size"):
-            mean, std = 1.0, 0.0
-        elif t.dim() == 1 and ("norm" in name) and name.endswith("weight"):
-            mean, std = 1.0, 0.1
-        elif t.dim() == 1:
-            mean, std = 0.0, 0.02
-        elif name.endswith("original0"):  # weight-norm magnitude g of HuBERT's positional conv [1, 1, k]
-            mean, std = 1.0, 0.1
-        else:
-            fan_in = math.prod(shape[1:]) if "conv_t" not in name else shape[0] * shape[2]
-            mean, std = 0.0, 1.0 / math.sqrt(fan_in)
-        if name.startswith("acoustic_decoder.conv2."):  # the last conv (no tanh after it): speech-like levels
-            std /= 300
-        assert t.dtype == torch.float32, f"{name}: {t.dtype}"
-        entries.append([name, shape, mean, std, seed * 100003 + i])
-    return dict(dtype="float32", tensors=entries)
+def tokenizer_rule(name: str, t: torch.Tensor) -> tuple[float, float]:
+    """Convs and linears N(0, 1/fan_in); norms 1 (+ noise); Snake alpha around 1; codebooks unit normal; the last
+    decoder conv (no tanh after it) scaled for speech-like levels."""
+    if name.endswith("alpha"):
+        return 1.0, 0.1
+    if name.endswith(("codebook.embed", "codebook.embed_avg")):
+        return 0.0, 1.0
+    if name.endswith(("codebook.inited", "codebook.cluster_size")):
+        return 1.0, 0.0
+    if t.dim() == 1 and "norm" in name and name.endswith("weight"):
+        return 1.0, 0.1
+    if t.dim() == 1:
+        return 0.0, 0.02
+    if name.endswith("original0"):  # weight-norm magnitude g of HuBERT's positional conv [1, 1, k]
+        return 1.0, 0.1
+    fan_in = math.prod(t.shape[1:]) if "conv_t" not in name else t.shape[0] * t.shape[2]
+    return 0.0, 1.0 / math.sqrt(fan_in) / (300 if name.startswith("acoustic_decoder.conv2.") else 1)
 
 
 def clip(seconds: float, seed: int, rate: int = 24000) -> torch.Tensor:
@@ -267,32 +297,19 @@ def clip(seconds: float, seed: int, rate: int = 24000) -> torch.Tensor:
 
 @torch.no_grad()
 def make_tokenizer_set(out: Path, name: str, spec: dict) -> dict:
-    from safetensors.torch import load_file
     from transformers import HiggsAudioV2TokenizerModel
 
     torch.manual_seed(spec["seed"])
     model = HiggsAudioV2TokenizerModel(tokenizer_config()).eval()
-    recipe = tokenizer_recipe(model, spec["seed"])
-    weights = recipe_tensors(recipe)
-    model.load_state_dict(weights, strict=True)
+    rec = recipe(model, spec["seed"], tokenizer_rule)
+    model.load_state_dict(recipe_tensors(rec), strict=True)
     d = out / name
     if d.exists():
         shutil.rmtree(d)
-    d.mkdir(parents=True)
-    tmp = out / f".{name}-checkpoint"
-    model.save_pretrained(tmp)
-    saved = load_file(str(tmp / "model.safetensors"))
-    assert set(saved) <= set(weights), sorted(set(saved) - set(weights))[:5]
+    saved = save_recipe_checkpoint(model, rec, d / "checkpoint")
     released = REPO.parent / "shared" / "real-hf" / "keys_tokenizer_new.json"
     if released.is_file():  # the released tokenizer's 527 names and shapes, where the facts are at hand
         assert {k: list(v.shape) for k, v in saved.items()} == json.loads(released.read_text())
-    for k, v in saved.items():
-        assert torch.equal(v, weights[k]), f"{k}: saved tensor differs from the recipe"
-    shutil.copy(tmp / "config.json", d / "config.json")
-    (d / "init.json").write_text(json.dumps({**recipe, "tensors": [e for e in recipe["tensors"] if e[0] in saved]}))
-    (d / "weights_sha256.json").write_text(json.dumps({k: sha256_tensor(v) for k, v in sorted(saved.items())},
-                                                      indent=0))
-    shutil.rmtree(tmp)
 
     tensors, lengths = {}, []
     for i, seconds in enumerate(spec["clip_seconds"]):
