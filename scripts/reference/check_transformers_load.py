@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from safetensors.torch import load_file  # noqa: E402
 
-from hf_inputs import batch_from_hf_inputs, minihiggs_logits, model_sets  # noqa: E402
+from hf_inputs import batch_from_hf_inputs, checkpoint_dir, minihiggs_logits, model_sets  # noqa: E402
 from minihiggs import apply_lora, load_model, save_adapter  # noqa: E402
 from minihiggs.lora.apply import lora_modules  # noqa: E402
 
@@ -36,13 +36,14 @@ ATOL_OF_PEAK, RTOL = 1e-5, 1e-4
 
 
 @torch.no_grad()
-def transformers_logits(model, inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Text and audio logits at the real positions, row-major (as minihiggs_logits)."""
+def minihiggs_like(model, inp: dict[str, torch.Tensor], text_cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' logits at the real positions, row-major, in minihiggs_logits' form (text columns, lse,
+    argmax; audio logits)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = inner.model(**inp, use_cache=False).last_hidden_state
     real = inp["attention_mask"].bool()
-    audio = model(**inp, use_cache=False).logits
-    return dict(text_logits=inner.text_lm_head(hidden)[real], audio_logits=audio[real])
+    text = inner.text_lm_head(inner.model(**inp, use_cache=False).last_hidden_state)[real]
+    return dict(text_logits_cols=text[:, text_cols], text_logits_lse=torch.logsumexp(text, -1),
+                text_logits_argmax=text.argmax(-1), audio_logits=model(**inp, use_cache=False).logits[real])
 
 
 def max_diffs(ours: dict, theirs: dict, what: str, failures: list[str]) -> dict[str, float]:
@@ -51,6 +52,11 @@ def max_diffs(ours: dict, theirs: dict, what: str, failures: list[str]) -> dict[
         o = ours[k]
         if o.shape != t.shape:
             failures.append(f"{what} {k}: shape {tuple(o.shape)} vs {tuple(t.shape)}")
+            continue
+        if k.endswith("argmax"):  # reported as the number of positions whose argmax differs
+            out[k] = int((o != t).sum())
+            if out[k]:
+                failures.append(f"{what} {k}: {out[k]} positions differ")
             continue
         out[k] = (o.double() - t.double()).abs().max().item()
         if not torch.allclose(o.double(), t.double(), atol=ATOL_OF_PEAK * t.abs().max().item(), rtol=RTOL):
@@ -89,38 +95,51 @@ def check_set(set_dir: Path, work: Path, failures: list[str]) -> dict:
     from peft import PeftModel
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    base = set_dir / "checkpoint"
+    base = checkpoint_dir(set_dir / "checkpoint", work)  # the directory transformers saved
     inp = load_file(str(set_dir / "inputs.safetensors"))
+    text_cols = load_file(str(set_dir / "outputs.safetensors"))["text_logits_cols_ids"]
     model = load_model(base)
     apply_lora(model, r=4, alpha=8, targets=TARGETS)
     n_modules = randomize_lora(model, seed=7)
     adapter, merged = work / "adapter", work / "merged"
     save_adapter(model, adapter, base_model_name_or_path=str(base))
-    ours = minihiggs_logits(model, batch_from_hf_inputs(base, inp, model))
-    subprocess.run([sys.executable, "-m", "minihiggs.export", "--adapter", str(adapter), "--base", str(base),
-                    "--out", str(merged), "--layout", "transformers"], check=True, cwd=REPO)
+    ours = minihiggs_logits(model, batch_from_hf_inputs(base, inp, model), text_cols)
+    diffs = {}
 
-    exported, info = HiggsAudioV2ForConditionalGeneration.from_pretrained(merged, use_text_head=True,
-                                                                           output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v}
-    if bad:
-        failures.append(f"{set_dir.name}: from_pretrained(export) reports {bad}")
-    diffs = {"export": max_diffs(ours, transformers_logits(exported.eval(), inp), f"{set_dir.name} export",
-                                 failures)}
+    def theirs(hf_model) -> dict[str, torch.Tensor]:
+        return minihiggs_like(hf_model, inp, text_cols)
+
+    cmd = [sys.executable, "-m", "minihiggs.export", "--adapter", str(adapter), "--base", str(base),
+           "--out", str(merged), "--layout", "transformers"]
+    export = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if export.returncode != 0:
+        failures.append(f"{set_dir.name}: minihiggs.export --layout transformers: {export.stderr.strip()[-300:]}")
+    else:
+        exported, info = HiggsAudioV2ForConditionalGeneration.from_pretrained(merged, use_text_head=True,
+                                                                               output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v}
+        if bad:
+            failures.append(f"{set_dir.name}: from_pretrained(export) reports {bad}")
+        diffs["export"] = max_diffs(ours, theirs(exported.eval()), f"{set_dir.name} export", failures)
 
     hf_base = HiggsAudioV2ForConditionalGeneration.from_pretrained(base, use_text_head=True)
     peft_model = PeftModel.from_pretrained(hf_base, adapter).eval()
     n_tensors = check_adapter_loaded(peft_model, adapter, failures)
     if n_tensors != 2 * n_modules:
         failures.append(f"{set_dir.name}: {n_tensors} adapter tensors for {n_modules} LoRA modules")
-    diffs["peft"] = max_diffs(ours, transformers_logits(peft_model, inp), f"{set_dir.name} peft", failures)
+    diffs["peft"] = max_diffs(ours, theirs(peft_model), f"{set_dir.name} peft", failures)
     return dict(lora_modules=n_modules, adapter_tensors=n_tensors, max_abs_diff=diffs)
 
 
 def main() -> int:
+    import warnings
+
     import peft
     import transformers
 
+    # PEFT warns about missing adapter keys at length; check_adapter_loaded reports them (and unused ones) itself.
+    warnings.filterwarnings("ignore", message="Found missing adapter keys")
+    transformers.logging.set_verbosity_error()
     sets = model_sets()
     failures: list[str] = []
     report = dict(transformers=transformers.__version__, peft=peft.__version__, torch=torch.__version__, sets={})
