@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+from .constants import DEFAULT_CODEC_REPO
 from .errors import ConfigError
 
 LEGACY, TRANSFORMERS = "legacy", "transformers"
@@ -82,11 +83,13 @@ def model_config_to_legacy(d: Mapping[str, Any]) -> dict:
                           f"EOS {eos} as its last two ids (the released checkpoint has 1026)")
     layers = text.get("num_hidden_layers", 28)
     return {
-        "model_type": MODEL_TYPES[LEGACY], "text_config": text,
+        "architectures": ["HiggsAudioModel"], "model_type": MODEL_TYPES[LEGACY], "text_config": text,
         "audio_adapter_type": "dual_ffn", "audio_dual_ffn_layers": list(range(layers)) if isinstance(layers, int) else [],
         "audio_num_codebooks": d.get("num_codebooks", 8), "audio_codebook_size": size - 2,
         "audio_stream_bos_id": bos, "audio_stream_eos_id": eos,
         "use_delay_pattern": True, "encode_audio_in_tokens": True, "skip_audio_tower": True,
+        "encode_whisper_embed": False, "audio_embed_avg": False, "use_audio_out_embed_projector": False,
+        "use_audio_out_self_attention": False, "use_rq_transformer": False, "audio_decoder_proj_num_layers": 0,
         "pad_token_id": d.get("pad_token_id"),
         "audio_in_token_idx": AUDIO_IN_TOKEN_ID, "audio_out_token_idx": d.get("audio_token_id", 128016),
         "audio_out_bos_token_id": d.get("audio_bos_token_id", 128013), "audio_eos_token_id": AUDIO_EOS_TOKEN_ID,
@@ -131,6 +134,21 @@ def generation_config(cfg) -> dict:
     """generation_config.json for a transformers-layout export (the values the converted Hub repo has)."""
     return {"bos_token_id": cfg.raw.get("text_config", {}).get("bos_token_id", 128000), "eos_token_id": EOT_TOKEN_ID,
             "pad_token_id": cfg.pad_token_id, "ras_win_len": 7, "ras_win_max_num_repeat": 2, "use_text_head": True}
+
+
+def processor_config(cfg, codec: str = DEFAULT_CODEC_REPO) -> dict:
+    """processor_config.json for a transformers-layout export of a legacy base (the fields transformers'
+    `HiggsAudioV2Processor.save_pretrained` writes; the audio tokenizer is referenced by repo id or path)."""
+    return {
+        "audio_bos_token": "<|audio_out_bos|>", "audio_eos_token": "<|audio_eos|>", "audio_token": "<|AUDIO_OUT|>",
+        "audio_stream_bos_id": cfg.audio_stream_bos_id, "audio_stream_eos_id": cfg.audio_stream_eos_id,
+        "audio_tokenizer": {"audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+                            "audio_tokenizer_name_or_path": codec},
+        "feature_extractor": {"feature_extractor_type": "DacFeatureExtractor", "feature_size": 1, "hop_length": 1,
+                              "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True,
+                              "sampling_rate": 24000},
+        "processor_class": "HiggsAudioV2Processor",
+    }
 
 
 # ---- model keys (also LoRA module paths: the same prefixes without `.weight`) -----------------------------

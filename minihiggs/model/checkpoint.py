@@ -52,7 +52,8 @@ def weight_files(ckpt: Path) -> list[Path]:
     return found
 
 
-def _is_stray(key: str, cfg: HiggsConfig) -> bool:
+def is_stray(key: str, cfg: HiggsConfig) -> bool:
+    """A key some checkpoints carry that holds nothing the model needs (ignored on load, dropped by a conversion)."""
     if key in STRAY_KEYS or key.endswith(STRAY_SUFFIXES):
         return True
     # A checkpoint may ship tower weights while its config says not to use them (skip_audio_tower=true).
@@ -124,7 +125,7 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
             for file_key, info in header.items():
                 key = internal_key(file_key, layout)
                 if key not in expected:
-                    if not _is_stray(key, model.config):
+                    if not is_stray(key, model.config):
                         unexpected.append(f"{file_key} ({path.name})")
                     continue
                 if tuple(info["shape"]) != tuple(expected[key].shape):

@@ -25,7 +25,7 @@ from ..constants import DEFAULT_BASE_REPO as DEFAULT_BASE, DEFAULT_CODEC_REPO as
 from ..data.shards import FORMAT, VERSION, read_shard_meta, shard_complete, shard_name, write_index
 from ..errors import PrepError
 from ..fsio import atomic_write_json
-from ..hub import resolve_dir
+from ..hub import resolve_dir, resolved_revision
 from ..text.chatml import DEFAULT_SCENE
 from . import worker as worker_mod
 from .manifest import manifest_kind, read_json_array, read_plain_list, scan_jsonl
@@ -337,5 +337,5 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
                         f"(see {out / 'prep_errors.jsonl'}); no index.json written")
     write_index(out, [j["name"] for j in jobs],
                 {**ms, "mel_bins": mel.N_MELS, "tokenizer": tok.fingerprint, "base_ckpt": str(base_ckpt),
-                 "codec": str(codec), "manifest": str(manifest)})
+                 "base_revision": resolved_revision(base_dir), "codec": str(codec), "manifest": str(manifest)})
     return summary
