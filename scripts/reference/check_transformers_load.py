@@ -140,6 +140,7 @@ def main() -> int:
     # PEFT warns about missing adapter keys at length; check_adapter_loaded reports them (and unused ones) itself.
     warnings.filterwarnings("ignore", message="Found missing adapter keys")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     sets = model_sets()
     failures: list[str] = []
     report = dict(transformers=transformers.__version__, peft=peft.__version__, torch=torch.__version__, sets={})
