@@ -138,6 +138,32 @@ def test_export_round_trips_bitwise(model_set, tmp_path):
     assert not diff, f"exported config.json differs (ours, transformers'): {diff}"
 
 
+def test_both_layouts_give_bitwise_the_same_outputs(model_set, tmp_path):
+    """The same weights exported in the legacy layout (a zero adapter merged: W + 0 = W) load into a model whose
+    logits, base and with the PEFT adapter (transformers module paths, loaded onto the legacy naming), are
+    bitwise those of the transformers-layout checkpoint."""
+    from minihiggs import apply_lora, save_adapter
+    from minihiggs.export import main as export_main
+
+    d, ckpt, inp, ref = model_set
+    model = load_model(ckpt)
+    apply_lora(model, r=2, alpha=4, targets=["q_proj"], seed=0)
+    save_adapter(model, tmp_path / "zero", base_model_name_or_path=str(ckpt))
+    legacy = tmp_path / "legacy"
+    assert export_main(["--adapter", str(tmp_path / "zero"), "--out", str(legacy), "--layout", "legacy"]) == 0
+    assert "text_config" in json.loads((legacy / "config.json").read_text())
+    cols = ref["text_logits_cols_ids"]
+    for with_adapter in (False, True):
+        outs = []
+        for path in (ckpt, legacy):
+            m = load_model(path)
+            if with_adapter:
+                load_adapter(m, d / "adapter")
+            outs.append(minihiggs_logits(m, batch_from_hf_inputs(ckpt, inp, m), cols))
+        for k, v in outs[0].items():
+            assert torch.equal(v, outs[1][k]), f"{d.name} {k} (adapter: {with_adapter}) differs between layouts"
+
+
 def test_equivalent_config_sees_meaningful_differences():
     """A field left out equals transformers' default; a different value, or a field without default, differs."""
     defaults = {"use_cache": True, "num_codebooks": 8}
