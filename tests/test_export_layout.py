@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_layout_hf import SMALL, to_transformers_dir
 
 from minihiggs import load_model
 from minihiggs.errors import AdapterError
@@ -15,7 +16,6 @@ from minihiggs.export import main as export_main
 from minihiggs.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from minihiggs.lora.apply import apply_lora, merge_lora
 from minihiggs.model.tiny import write_tiny_checkpoint
-from test_layout_hf import SMALL, to_transformers_dir
 
 
 def _adapter(base, out, seed):

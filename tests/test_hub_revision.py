@@ -7,13 +7,13 @@ import shutil
 
 import huggingface_hub
 import pytest
+from test_layout_hf import SMALL
 
 from minihiggs import load_model
 from minihiggs.hub import HubMissError, resolve_dir, resolved_revision, split_revision
 from minihiggs.lora.adapter import ADAPTER_CONFIG, recorded_base, save_adapter
 from minihiggs.lora.apply import apply_lora
 from minihiggs.model.tiny import write_tiny_checkpoint
-from test_layout_hf import SMALL
 
 COMMIT = "10840182ca4ad5d9d9113b60b9bb3c1ef1ba3f84"
 

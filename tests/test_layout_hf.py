@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from helpers import REPO
+from safetensors.torch import load_file, save_file
+from synth import synth_samples
+
 from minihiggs import HiggsConfig, collate, load_model
 from minihiggs.codec import AudioTokenizer
 from minihiggs.codec.tiny import write_random_decoder
@@ -23,7 +24,6 @@ from minihiggs.errors import CheckpointError, ConfigError
 from minihiggs.layouts import codec_key_to_transformers, model_key_to_legacy, model_key_to_transformers
 from minihiggs.model.higgs import HiggsAudioModel
 from minihiggs.model.tiny import tiny_config, write_tiny_checkpoint
-from synth import synth_samples
 
 FACTS = REPO.parent / "shared" / "real-hf"
 SMALL = dict(hidden=32, heads=4, kv_heads=2, intermediate=48, layers=2, dual_layers=(0, 1))

@@ -37,10 +37,10 @@ from ..fsio import atomic_dir, file_sha256
 from ..hub import is_repo_id, resolve_dir, split_revision
 from ..wrappers import unwrap
 from .apply import (
-    LoRAConfig,
-    LoRAReport,
     PEFT_PREFIX,
+    LoRAConfig,
     LoRALinear,
+    LoRAReport,
     apply_lora,
     load_lora_state_dict,
     lora_modules,
