@@ -70,7 +70,7 @@ def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
     assert recs[0]["event"] == "resume" and min(r["step"] for r in recs if r.get("split")) > 6
 
 
-def test_outputs_metrics_and_plot(straight):
+def test_outputs_metrics_and_plot(straight, tiny_ckpt):
     recs = read_metrics(straight / "metrics.jsonl")
     train_recs = [r for r in recs if r.get("split") == "train"]
     val_recs = [r for r in recs if r.get("split") == "val"]
@@ -97,6 +97,8 @@ def test_outputs_metrics_and_plot(straight):
         <= {p.name for p in d.iterdir()}
     args = json.loads((d / "train_args.json").read_text())
     assert "--train_manifest" in args["argv"] and args["args"]["lora_dropout"] == 0.2
+    # which weights: the base folder as an absolute path, no Hub commit for a local folder
+    assert args["base_dir"] == str(Path(tiny_ckpt).resolve()) and args["base_revision"] is None
     state = ckpt_io.load_trainer_state(d)
     assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch"} <= state.keys()
     assert "sampler" not in state  # the data position has one home: epoch + batches_in_epoch

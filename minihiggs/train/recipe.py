@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .data import LoaderBatches, check_dataset, train_loader, train_sampler, validation_set
 from .distributed import DistEnv, all_reduce_max, all_reduce_sum, is_fsdp, wrap_model
 from .guard import UpdateGuard
+from ..hub import resolved_revision
 from .preflight import check_output_dir, check_shards_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
@@ -179,6 +180,9 @@ class LoRARecipe:
         self.dtype = dtype
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         ckpt_dir, model_cfg = read_model_config(cfg.base_ckpt)
+        # Which weights exactly: the resolved folder and, for a Hub checkpoint, the commit (train_args.json).
+        self.record["base_dir"] = str(Path(ckpt_dir).resolve())
+        self.record["base_revision"] = resolved_revision(ckpt_dir)
         check_dataset(self.ds, model_cfg)  # before the weights load: a mismatch is an error within seconds
         model = load_model(ckpt_dir, dtype=dtype, device=self.device)
         self.lora_report = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
