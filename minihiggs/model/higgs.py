@@ -148,7 +148,7 @@ class LayerContext(Protocol):
     all_audio: bool  # every position is discrete audio and the caller may skip fast-forward layers outright
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast_forward: bool) -> torch.Tensor:
-        """Roped q [B, heads, L, d], k/v [B, kv_heads, L, d] -> [B, heads, L, d]; fast-forward layers hide audio keys."""
+        """Roped q [B, heads, L, d], k/v [B, kv_heads, L, d] -> [B, heads, L, d] (fast-forward: audio keys hidden)."""
 
     def select(self, x: torch.Tensor, audio: Callable, text: Callable) -> torch.Tensor:
         """Per position audio(x) or text(x) for cheap position-wise functions (norms): both may run everywhere."""
@@ -328,7 +328,7 @@ class HiggsAudioModel(nn.Module):
         whisper_hidden = whisper_embed = None
         if self.config.has_audio_tower and batch.whisper_features is not None and batch.whisper_features.shape[0] > 0:
             feats = batch.whisper_features.to(self.audio_encoder_proj.linear.weight.dtype)
-            whisper_hidden, lengths = self.audio_tower(feats, batch.whisper_feature_mask)
+            whisper_hidden, _ = self.audio_tower(feats, batch.whisper_feature_mask)
             rows = torch.arange(whisper_hidden.shape[1], device=x.device)[None, :] < batch.whisper_rows[:, None]
             whisper_embed = self.audio_encoder_proj(whisper_hidden[rows])
             flat = flat.index_copy(0, batch.whisper_pos, whisper_embed.to(flat.dtype))
