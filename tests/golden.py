@@ -72,6 +72,9 @@ MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
 CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
 WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
 REAL_ROOT = golden_root("MINIHIGGS_REAL", REPO.parent / "shared" / "real")
+# Facts of the transformers-native layout, gathered independently of this code (its README): key maps from the
+# legacy names (ours) to the new ones and the new keys' shapes.
+REAL_HF_ROOT = golden_root("MINIHIGGS_REAL_HF", REPO.parent / "shared" / "real-hf")
 GENERATE_ROOT = golden_root("MINIHIGGS_GOLDEN_GENERATE", SHARED_GOLDEN / "generate")
 CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
 
