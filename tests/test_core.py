@@ -25,10 +25,12 @@ def tiny(tmp_path_factory):
 # ---- config ---------------------------------------------------------------------------------------------------
 
 def test_llama3_rope_parameterisations_agree():
-    a = HiggsConfig.from_dict(tiny_config(rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
-    b = HiggsConfig.from_dict(tiny_config(rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125,
-                                                        "high_freq_factor": 0.5, "original_max_position_embeddings": 1024}))
+    def llama3(low: float, high: float, original: int) -> HiggsConfig:
+        return HiggsConfig.from_dict(tiny_config(rope_scaling={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original}))
+
+    a, b = llama3(1.0, 4.0, 8192), llama3(0.125, 0.5, 1024)
     fa, fb = rope_inv_freq(a.text), rope_inv_freq(b.text)
     torch.testing.assert_close(fa, fb, rtol=1e-6, atol=0)
     base = 1.0 / (500000.0 ** (torch.arange(0, a.text.head_dim, 2).float() / a.text.head_dim))

@@ -100,7 +100,8 @@ def _check_outputs(v: Path, model, samples, prefix: str):
         real_rows = out.hidden[ours_att]
         logits = real_rows @ w.t()
         cols = ref["text_logits_cols_ids"]
-        diffs["text_logits_cols"] = _close(logits[:, cols], ref["text_logits_cols"][ref_att], f"{prefix}text_logits_cols")
+        diffs["text_logits_cols"] = _close(logits[:, cols], ref["text_logits_cols"][ref_att],
+                                           f"{prefix}text_logits_cols")
         diffs["text_logits_lse"] = _close(torch.logsumexp(logits, -1), ref["text_logits_lse"][ref_att],
                                           f"{prefix}text_logits_lse")
         assert (logits.argmax(-1) == ref["text_logits_argmax"][ref_att]).float().mean() == 1.0
@@ -178,7 +179,8 @@ def test_base_forward_and_losses(backend_case):
     _loss_close(rep, losses, "base_losses.json ")
     assert rep["text_targets"] == losses["n_text_targets"]
     assert rep["audio_targets"] == losses["n_audio_targets_per_codebook"]
-    print(f"\n{v.name} {model.attention_backend} base max diffs: " + ", ".join(f"{k}={d:.2e}" for k, d in diffs.items()))
+    print(f"\n{v.name} {model.attention_backend} base max diffs: "
+          + ", ".join(f"{k}={d:.2e}" for k, d in diffs.items()))
 
 
 def test_batch_of_one(backend_case):

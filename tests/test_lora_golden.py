@@ -77,7 +77,7 @@ def _check_outputs(model, out, batch, ref: dict, what: str) -> dict:
     assert len(out.hidden_states) == len([k for k in ref if k.startswith("hidden_states.")])
     for i, h in enumerate(out.hidden_states):
         a, b = h.detach()[ours_att], ref[f"hidden_states.{i}"][ref_att]
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} hidden_states.{i}: {m}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"{what} hidden_states.{i}: {m}")
         diffs["hidden"] = max(diffs["hidden"], _maxdiff(a, b))
     flat = out.hidden.detach().reshape(-1, out.hidden.shape[-1])
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_lora_forward_grads_and_adamw_step(variant, backend):
     d_grad = 0.0
     for k, g in ours_g.items():
         assert g is not None, k
-        torch.testing.assert_close(g, ref_g[k], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"grad {k}: {m}")
+        torch.testing.assert_close(g, ref_g[k], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m, k=k: f"grad {k}: {m}")
         d_grad = max(d_grad, _maxdiff(g, ref_g[k]))
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
@@ -156,7 +156,8 @@ def test_lora_forward_grads_and_adamw_step(variant, backend):
     for k, p in stepped.items():
         g, gr = ours_g[k], ref_g[k]
         well = gr.abs() >= STEP_GRAD_FLOOR
-        torch.testing.assert_close(p[well], ref_step[k][well], rtol=0, atol=STEP_ATOL, msg=lambda m: f"adamw {k}: {m}")
+        torch.testing.assert_close(p[well], ref_step[k][well], rtol=0, atol=STEP_ATOL,
+                                   msg=lambda m, k=k: f"adamw {k}: {m}")
         d_step = max(d_step, _maxdiff(p[well], ref_step[k][well]))
         explained = lr * (g / (g.abs() + eps) - gr / (gr.abs() + eps)).abs()
         excess = ((p - ref_step[k]).abs() - explained)[~well]
@@ -184,7 +185,7 @@ def test_merged_weights_and_model(variant):
     d_w = 0.0
     for k, t in sd.items():
         if k in ref_w:
-            torch.testing.assert_close(t, ref_w[k], rtol=0, atol=MERGE_ATOL, msg=lambda m: f"merged {k}: {m}")
+            torch.testing.assert_close(t, ref_w[k], rtol=0, atol=MERGE_ATOL, msg=lambda m, k=k: f"merged {k}: {m}")
             d_w = max(d_w, _maxdiff(t, ref_w[k]))
         elif k in base:
             assert torch.equal(t, base[k]), f"{k} changed by the merge"
