@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras lint demo speak smoke prep train plot bench-codec bench bench-generate bench-eval clean
+.PHONY: venv test test-extras test-reference lint demo speak smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,19 @@ test-extras: $(EXTRAS)
 # ruff with the rules in pyproject.toml.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# minihiggs' transformers-layout export and adapters loaded by transformers/PEFT themselves (issue 15): a separate
+# .venv-ref with them, never a dependency of minihiggs or of `make test` (scripts/reference/check_transformers_load.py).
+REF_VENV  := .venv-ref
+REF_STAMP := $(REF_VENV)/.installed
+$(REF_STAMP): requirements.txt
+	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -c "import torch" 2>/dev/null || $(REF_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(REF_VENV)/bin/python -m pip install -q -r requirements.txt transformers==5.25.0 peft==0.22.0
+	touch $(REF_STAMP)
+
+test-reference: $(REF_STAMP)
+	$(REF_VENV)/bin/python scripts/reference/check_transformers_load.py
 
 # The demo draws its loss curves, so it installs matplotlib (the one plotting extra) when it is missing.
 MATPLOTLIB := $(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"

@@ -51,13 +51,12 @@ def parse_args(argv=None) -> PrepConfig:
     return parse_flags(PrepConfig, argv, prog="prep.py", description=__doc__.split("\n\n")[0])
 
 
-def prep(argv=None) -> None:
+def main(argv=None) -> int:
     from minihiggs.prep import prepare
 
-    prepare(parse_args(argv))
+    def prep(args) -> None:
+        prepare(parse_args(args))  # (its summary is printed as it goes; the exit code is run's rule)
 
-
-def main(argv=None) -> int:
     return run(PROG, prep, argv)
 
 

@@ -12,6 +12,7 @@ PKG = REPO / "minihiggs"
 # Lower layers never import higher ones; a package may import itself and anything below.
 LAYERS = [
     {"errors", "constants"},
+    {"layouts"},
     {"hub", "fsio", "wrappers", "config", "cli"},
     {"text", "audio"},
     {"codec"},

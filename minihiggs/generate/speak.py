@@ -74,8 +74,8 @@ class Item:
     ref_sample: str | None = None
     scene: str | None = DEFAULT_SCENE
     seed: int | None = None
-    from_flags: bool = False  # the request of --text (errors name the flag), not a prompts file line
     extra: dict = field(default_factory=dict)  # the caller's `extra_fields` found on the line
+    from_flags: bool = False  # the request of --text (errors name the flag), not a prompts file line
 
     def at(self, key: str) -> str:
         """Where `key` was given, to start an error message: its flag, or the prompts file line."""

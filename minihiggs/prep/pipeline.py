@@ -23,7 +23,7 @@ from ..constants import CODE_FRAMES_PER_SECOND
 from ..data.shards import FORMAT, VERSION, read_shard_meta, shard_complete, shard_name, write_index
 from ..errors import PrepError
 from ..fsio import atomic_write_json
-from ..hub import is_repo_id, resolve_dir
+from ..hub import is_repo_id, resolve_dir, resolved_revision
 from . import worker as worker_mod
 from .manifest import manifest_kind, read_json_array, scan_jsonl
 from .plain_list import read_plain_list
@@ -81,8 +81,16 @@ def prepare(cfg: PrepConfig, log=print) -> dict:
     check_outcome(totals, inputs, cfg.strict, progress.total)
     write_index(inputs.out, [j.name for j in jobs],
                 {**base.model.record(), "mel_bins": mel.N_MELS, "tokenizer": base.tok.fingerprint,
-                 "base_ckpt": str(cfg.base_ckpt), "codec": str(cfg.codec), "manifest": str(inputs.manifest)})
+                 "base_ckpt": recorded_source(cfg.base_ckpt), "base_revision": resolved_revision(base.dir),
+                 "codec": recorded_source(cfg.codec), "manifest": str(inputs.manifest)})
     return summary
+
+
+def recorded_source(path_or_repo: str) -> str:
+    """How index.json names a checkpoint or codec: a local directory as an absolute path (generate and train read
+    it from other working directories), a Hub repo id (with any @revision) as given."""
+    p = Path(path_or_repo).expanduser()
+    return str(p.resolve()) if p.exists() else str(path_or_repo)
 
 
 # ------------------------------------------------------------------------------------------------ the steps

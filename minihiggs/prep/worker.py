@@ -22,7 +22,7 @@ from ..audio import mel
 from ..audio.io import audio_header, read_audio, resample, to_mono
 from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR, IGNORE_INDEX
 from ..data.shards import ShardWriter, estimated_length
-from ..errors import AudioError, ManifestError, PrepError
+from ..errors import AudioError, ManifestError, PrepError, UserError
 from ..text.chatml import AudioItem, Encoded, encode_chatml, expand_audio_in, parse_chatml
 from .manifest import BadEntry, ChatmlEntry, Entry, JsonlLine, TableRow
 from .settings import WorkerSettings
@@ -143,8 +143,8 @@ class Worker:
             try:
                 self.codec = AudioTokenizer.from_pretrained(self.s.codec, device=self.s.device)
             except Exception as e:
-                raise PrepError(f"cannot load the audio tokenizer {self.s.codec!r} "
-                                f"({type(e).__name__}: {e})") from e
+                why = e if isinstance(e, UserError) else f"{type(e).__name__}: {e}"  # no internal class names
+                raise PrepError(f"cannot load the audio tokenizer {self.s.codec!r} ({why})") from e
             if getattr(self.codec, "sample_rate", CODEC_SR) != CODEC_SR:
                 raise PrepError(f"codec sample rate {self.codec.sample_rate}, expected {CODEC_SR}")
         return self.codec
