@@ -96,6 +96,27 @@ def test_a_stretch_without_a_pause_is_reported_not_cut(tmp_path):
     assert [p.problem for p in plan(wave, tmp_path / "l2.wav", max_seconds=130)] == [None, None, None]
 
 
+def test_hysteresis_holds_soft_speech_but_does_not_start_on_it(tmp_path):
+    """Speech 32 dB under the speech level lies between the quiet threshold (35 dB under) and the onset (29 dB
+    under): inside a run it is still speech, on its own it never starts one."""
+    soft = 10 ** (-32 / 20)
+    parts = [recording([("q", 0.5)])[0], speechlike(1.5, 1), speechlike(0.8, 2) * soft, speechlike(1.5, 3),
+             recording([("q", 1.5)], 1)[0], speechlike(0.8, 4) * soft, recording([("q", 1.5)], 2)[0]]
+    pieces = plan(np.concatenate(parts), tmp_path / "soft.wav")
+    assert len(pieces) == 1 and pieces[0].problem is None
+    assert abs(pieces[0].start - 0.3) <= EDGE and abs(pieces[0].end - (0.5 + 3.8 + 0.2)) <= EDGE
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    from minihiggs.ingest.__main__ import main
+
+    assert main(["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no_progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"ingest: error: {tmp_path / 'nope'}: --input is not a folder"
+    (tmp_path / "empty").mkdir()
+    assert main(["--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no_progress"]) == 2
+    assert "no recordings" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def whisper_dir():
     assert WHISPER_SETS, f"no Whisper set under {REF}"
