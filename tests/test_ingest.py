@@ -117,6 +117,24 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "no recordings" in capsys.readouterr().err
 
 
+def test_speakers_from_folders_or_a_map(tmp_path):
+    corpus(tmp_path / "in")
+    (tmp_path / "in" / "extra.wav").write_bytes((tmp_path / "in" / "bob" / "read.flac").read_bytes())
+    (tmp_path / "map.txt").write_text("amy|Amy Smith\nextra.wav\tGuest\n")
+    cases = {"folders": ({}, {"amy/long.wav": "amy", "bob/read.flac": "bob", "extra.wav": "in"}),
+             "map": ({"speaker_map": str(tmp_path / "map.txt")},
+                     {"amy/long.wav": "Amy Smith", "bob/read.flac": "bob", "extra.wav": "Guest"})}
+    for name, (kw, want) in cases.items():
+        ingest(IngestConfig(input=str(tmp_path / "in"), out=str(tmp_path / name), asr="none", progress=False, **kw),
+               log=lambda *a: None)
+        lines = [json.loads(x) for x in (tmp_path / name / "manifest.jsonl").read_text().splitlines()]
+        assert {x["misc"]["source"]: x["speaker"] for x in lines} == want, name
+    (tmp_path / "bad.txt").write_text("amy Amy\n")
+    with pytest.raises(IngestError, match=r"bad.txt:1: expected 'path\|speaker'"):
+        ingest(IngestConfig(input=str(tmp_path / "in"), out=str(tmp_path / "x"), asr="none",
+                            speaker_map=str(tmp_path / "bad.txt")), log=lambda *a: None)
+
+
 @pytest.fixture(scope="module")
 def whisper_dir():
     assert WHISPER_SETS, f"no Whisper set under {REF}"
