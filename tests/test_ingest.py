@@ -117,9 +117,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "no recordings" in capsys.readouterr().err
 
 
-def test_speakers_from_folders_or_a_map(tmp_path):
+def test_speakers_from_folders_or_a_map_and_an_unreadable_file(tmp_path):
     corpus(tmp_path / "in")
     (tmp_path / "in" / "extra.wav").write_bytes((tmp_path / "in" / "bob" / "read.flac").read_bytes())
+    (tmp_path / "in" / "broken.wav").write_bytes(b"RIFF not really a wave file")  # reported, the rest goes on
     (tmp_path / "map.txt").write_text("amy|Amy Smith\nextra.wav\tGuest\n")
     cases = {"folders": ({}, {"amy/long.wav": "amy", "bob/read.flac": "bob", "extra.wav": "in"}),
              "map": ({"speaker_map": str(tmp_path / "map.txt")},
@@ -129,6 +130,8 @@ def test_speakers_from_folders_or_a_map(tmp_path):
                log=lambda *a: None)
         lines = [json.loads(x) for x in (tmp_path / name / "manifest.jsonl").read_text().splitlines()]
         assert {x["misc"]["source"]: x["speaker"] for x in lines} == want, name
+        report = [json.loads(x) for x in (tmp_path / name / "ingest_report.jsonl").read_text().splitlines()]
+        assert ("broken.wav", "unreadable") in {(r["source"], r["kind"]) for r in report}
     (tmp_path / "bad.txt").write_text("amy Amy\n")
     with pytest.raises(IngestError, match=r"bad.txt:1: expected 'path\|speaker'"):
         ingest(IngestConfig(input=str(tmp_path / "in"), out=str(tmp_path / "x"), asr="none",

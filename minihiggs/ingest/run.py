@@ -215,7 +215,11 @@ class Recording:
             self.skip(None, "unreadable", f"cannot decode audio ({type(e).__name__}: {e})")
             return self.part(0.0)
         with f:
-            levels = frame_levels(f)
+            try:
+                levels = frame_levels(f)
+            except RuntimeError as e:  # libsndfile's error on data it cannot decode, part way into the file
+                self.skip(None, "unreadable", f"cannot decode audio ({type(e).__name__}: {e})")
+                return self.part(0.0)
             rules = self.cfg.segment_rules()
             pieces = [whole_piece(levels, rules)] if self.src.sidecar is not None else plan_segments(levels, rules)
             pending: list[Kept] = []
@@ -294,7 +298,6 @@ class Progress:
         self.bar = tqdm(total=round(total_seconds / 3600, 4), unit="h", disable=not enabled, dynamic_ncols=True,
                         desc="ingest", bar_format=BAR)
         self.kept = 0.0
-        self.base = 0.0  # seconds of the recordings finished before the current one
         self.at = 0.0  # seconds into the current one
 
     def advance(self, seconds_into: float, kept_seconds: float) -> None:
@@ -307,7 +310,6 @@ class Progress:
     def finish(self, seconds: float, kept_seconds: float = 0.0) -> None:
         """A recording done (or skipped as finished): the bar goes to its end."""
         self.advance(seconds, kept_seconds)
-        self.base += seconds
         self.at = 0.0
 
     def close(self) -> None:
