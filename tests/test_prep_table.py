@@ -7,6 +7,7 @@ rows in prep_errors.jsonl with their parquet file and row.
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import re
 
@@ -17,6 +18,7 @@ import torch
 from helpers import errors_of, run, tone
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.errors import PrepError
+from minihiggs.hub import HubMissError
 
 import pyarrow as pa  # the `parquet` extra: requirements-dev.txt installs it for `make test`
 import pyarrow.parquet as pq
@@ -103,3 +105,22 @@ def test_table_flags_are_checked(table, ckpts, tmp_path):
         run(table, tmp_path / "a", ckpts["ff"], device="cpu")
     with pytest.raises(PrepError, match="no parquet files of split 'test'"):
         run(table, tmp_path / "b", ckpts["ff"], device="cpu", split="test", text_column="sentence")
+
+
+def test_a_hub_dataset_id_is_read_from_the_cache_as_a_dataset_repo(table, ckpts, codec_dir, tmp_path, monkeypatch):
+    """Offline: the id resolves to the dataset snapshot in the Hugging Face cache (`datasets--owner--name`, what
+    `huggingface-cli download --repo-type dataset` leaves there); a model repo of the same name would not do."""
+    import huggingface_hub.constants as hc
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "datasets--someone--voices"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(table / "data", repo / "snapshots" / commit / "data")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = run("someone/voices", tmp_path / "out", ckpts["ff"], codec=str(codec_dir), device="cpu",
+                  split="validation", text_column="sentence", speaker_column="client")
+    assert summary["samples"] == 1 and ShardDataset(tmp_path / "out").speakers == ["cy"]
+    with pytest.raises(HubMissError, match="download someone/other --repo-type dataset"):
+        run("someone/other", tmp_path / "out2", ckpts["ff"], device="cpu")
