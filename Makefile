@@ -9,10 +9,12 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch==2.13.0 first when no torch is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): requirements.txt requirements-dev.txt
+# Then minihiggs itself, editable (pyproject.toml), so `import minihiggs` works from any directory in the venv.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # The whole suite except the tests of the optional extras (those run in `make test-extras`).

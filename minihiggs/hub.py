@@ -95,5 +95,6 @@ def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: S
 
 def _plain(class_name: str) -> str:
     """'RevisionNotFoundError' -> 'revision not found' (what the user reads, not a class name)."""
-    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", class_name.removesuffix("Error").removesuffix("Exception"))
+    stem = class_name.removesuffix("Error").removesuffix("Exception")
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", stem)
     return " ".join(w if w.isupper() and len(w) > 1 else w.lower() for w in words) or "error"
