@@ -80,7 +80,7 @@ smoke: $(STAMP)
 	rm -rf $(TINY)/shards $(TINY)/run
 	$(PY) prep.py --manifest $(TINY)/data/train.jsonl --out $(TINY)/shards --base_ckpt $(TINY)/base \
 	    --codec $(TINY)/codec --no_progress
-	$(PY) train.py --train_manifest $(TINY)/shards --output_dir $(TINY)/run --base_ckpt $(TINY)/base \
+	$(PY) train.py --shards $(TINY)/shards --output_dir $(TINY)/run --base_ckpt $(TINY)/base \
 	    --max_steps 20 --batch_size 4 --lr 3e-3 --log_steps 5 --val_steps 10 --save_steps 10 --sample_steps 0
 	$(PY) -m minihiggs.generate --adapter $(TINY)/run/final --text "Hello from a tiny model." \
 	    --ref_sample ava_000 --shards $(TINY)/shards --out $(TINY)/hello.wav --max_new_frames 100 --no_progress
