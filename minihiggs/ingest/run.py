@@ -48,7 +48,8 @@ class IngestConfig:
                                          "under --input, and its speaker")
     language: str = flag("en", "language of the recordings, as Whisper names it (en, de, fi, ...)")
     asr: str = flag("openai/whisper-large-v3", "Whisper checkpoint dir or Hub id (128-mel: large-v3 / -turbo); "
-                                               "'none' cuts only and leaves the transcripts empty")
+                                               "'none' cuts only and leaves the transcripts empty: fill them in "
+                                               "before prep (it skips empty ones)")
     device: str | None = flag(None, "ASR device (default: cuda when available, else cpu)")
     asr_batch: int = flag(8, "segments per ASR batch", type=int)
     min_seconds: float = flag(1.0, "shortest segment kept")
