@@ -21,7 +21,7 @@ LAYERS = [
     {"metrics"},
     {"prep", "generate"},
     {"train"},
-    {"export", "tiny", "__init__"},
+    {"export", "tiny", "serve", "__init__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

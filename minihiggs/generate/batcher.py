@@ -150,6 +150,13 @@ class Batcher:
         if s.row.done:
             self._finish(b, self.engine.generation(s.row))
 
+    def fail_all(self, error: Exception) -> None:
+        """End every running request with `error` (after a failed step; the rows are freed)."""
+        for b, s in enumerate(self.slots):
+            if s is not None:
+                s.ticket.error = error
+                self._finish(b, None)
+
     def _finish(self, b: int, generation: Generation | None) -> None:
         s = self.slots[b]
         self.slots[b] = None
