@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras lint demo speak smoke prep train plot bench-codec bench bench-generate clean
+.PHONY: venv test test-extras lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,18 @@ WAV     ?= demo_out/speak_$(SPEAKER).wav
 speak: $(STAMP)
 	$(PY) -m minihiggs.generate --adapter $(ADAPTER) --codec $(CODEC) --text "$(TEXT)" \
 	    --scene "Audio is recorded from a quiet room. Speaker: $(SPEAKER)." $(REF) --out $(WAV) $(GEN_ARGS)
+
+# make serve [PORT=8000]: the demo's four voices (after `make demo`) behind the OpenAI-compatible speech server
+# (README "Serve"); installs the web extra (fastapi, uvicorn) into the venv when it is missing.
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) -c "import fastapi, uvicorn" 2>/dev/null || $(PY) -m pip install -q $$(grep -E '^(fastapi|uvicorn)' requirements-extras.txt)
+	$(PY) scripts/demo_voices.py demo_out
+	$(PY) -m minihiggs.serve --voices demo_out/voices --codec demo_out/codec --port $(PORT) --max_tokens 400
+
+# time to first audio and audio seconds per second at 1, 4 and 16 concurrent streams (CPU `small` shape)
+bench-serve: $(STAMP)
+	$(PY) scripts/bench_serve.py $(ARGS)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache
