@@ -11,26 +11,24 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import torch
+import uvicorn
 
-pytest.importorskip("fastapi", reason="the serve extra (requirements-dev.txt installs it)")
-import httpx  # noqa: E402
-import openai  # noqa: E402
-import uvicorn  # noqa: E402
-
-from helpers import LLAMA_DIR, TINY  # noqa: E402
-from minihiggs import load_model  # noqa: E402
-from minihiggs.generate import Engine, Request, SamplingConfig, tts_prompt  # noqa: E402
-from minihiggs.generate.loading import load_codec, load_generation_model, stop_token_ids  # noqa: E402
-from minihiggs.lora.adapter import save_adapter  # noqa: E402
-from minihiggs.lora.apply import apply_lora  # noqa: E402
-from minihiggs.model.tiny import write_tiny_checkpoint  # noqa: E402
-from minihiggs.serve.__main__ import ServeArgs, build  # noqa: E402
-from minihiggs.serve.app import pcm16  # noqa: E402
-from minihiggs.serve.voices import VoiceError, read_presets  # noqa: E402
-from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer  # noqa: E402
+from helpers import LLAMA_DIR, TINY
+from minihiggs import load_model
+from minihiggs.generate import Engine, Request, SamplingConfig, tts_prompt
+from minihiggs.generate.loading import load_codec, load_generation_model, stop_token_ids
+from minihiggs.lora.adapter import save_adapter
+from minihiggs.lora.apply import apply_lora
+from minihiggs.model.tiny import write_tiny_checkpoint
+from minihiggs.serve.__main__ import ServeArgs, build
+from minihiggs.serve.app import pcm16
+from minihiggs.serve.voices import VoiceError, load_voices, read_presets
+from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 24  # decoding steps per request (~0.6 s of audio)
@@ -195,8 +193,17 @@ def test_the_openai_client_sees_a_bad_request(server):
 def test_bad_voice_presets_are_named(tmp_path, config, message):
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(VoiceError, match="config.json") as e:
-        from minihiggs.serve.voices import load_voices
-
         read_presets(tmp_path)
         load_voices(tmp_path, None, None, "codec", "cpu")
     assert message in str(e.value)
+
+
+def test_the_command_names_what_is_wrong(tmp_path, capsys):
+    from minihiggs.serve.__main__ import main
+
+    assert main(["--voices", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().endswith("nowhere: voices directory not found")
+    (tmp_path / "config.json").write_text('{"x": {"adapter": "missing_run/final"}}')
+    assert main(["--voices", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("serve: error: ") and "config.json ['x']" in err and "missing_run" in err, err

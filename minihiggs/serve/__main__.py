@@ -32,6 +32,10 @@ class ServeArgs:
     max_tokens: int = flag(1024, "decoding steps per request at most (25 per second of audio)")
     chunk: int = flag(25, "frames per streamed chunk (25 per second)")
     first_chunk: int = flag(5, "frames of the first chunk (low time to first audio)")
+    lookahead: int | None = flag(None, "frames decoded after a chunk before it is sent (default: the codec "
+                                       "decoder's receptive field, so the stream equals the offline decode; fewer: "
+                                       "earlier audio, seams blended over --crossfade samples)")
+    crossfade: int = flag(0, "samples blended at each chunk seam (at most lookahead * 960)")
     device: str | None = flag(None, "cuda / cpu (default: cuda when available)")
     dtype: str | None = flag(None, "bf16 / fp32 (default: bf16 on cuda)")
 
@@ -48,6 +52,7 @@ def build(a: ServeArgs, log=None):
     from ..generate.speak import default_device, default_dtype
     from ..lora.adapter import read_adapter_config
     from ..model.checkpoint import load_model
+    from ..generate.stream import StreamDecoder
     from .app import create_app
     from .service import Limits, SpeechService
     from .voices import load_voices, read_presets
@@ -73,7 +78,12 @@ def build(a: ServeArgs, log=None):
             f"{v.reference[1].shape[1] if v.reference else 0} frames")
     service = SpeechService(model, tok, codec, voices, Limits(a.slots, a.max_len, a.max_input_tokens, a.max_tokens),
                             log=log)
-    return create_app(service, a.model_id, a.chunk, a.first_chunk), service
+    stream = dict(chunk=a.chunk, first_chunk=a.first_chunk, right=a.lookahead, crossfade=a.crossfade)
+    try:
+        StreamDecoder(codec, **stream)  # (its own checks of the chunk flags, before serving)
+    except ValueError as e:
+        raise ServeError(f"--chunk/--first_chunk/--lookahead/--crossfade: {e}") from None
+    return create_app(service, a.model_id, stream), service
 
 
 def serve(argv: list[str] | None) -> None:

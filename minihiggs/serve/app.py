@@ -64,7 +64,8 @@ def wav_header(sample_rate: int, data_bytes: int | None) -> bytes:
             + b"data" + struct.pack("<I", size))
 
 
-def create_app(service: SpeechService, model_id: str = "minihiggs", chunk: int = 25, first_chunk: int = 5) -> FastAPI:
+def create_app(service: SpeechService, model_id: str = "minihiggs", stream: dict | None = None) -> FastAPI:
+    """`stream`: `StreamDecoder` settings (chunk, first_chunk, right, crossfade)."""
     app = FastAPI(title="minihiggs speech server")
     rate = service.codec.sample_rate
 
@@ -95,7 +96,7 @@ def create_app(service: SpeechService, model_id: str = "minihiggs", chunk: int =
         except RequestError as e:
             return error(e.status, str(e), e.param)
         ticket = service.submit(req, adapter)
-        decoder = StreamDecoder(service.codec, chunk, first_chunk)
+        decoder = StreamDecoder(service.codec, **(stream or {}))
 
         async def chunks():
             """PCM bytes as they are decoded; cancels the request when the client goes away."""

@@ -48,7 +48,8 @@ class Voice:
 
 
 def read_presets(directory: str | Path) -> dict[str, dict]:
-    """{name: entry} of DIR/config.json plus adapter sub-directories; paths made absolute; entries checked."""
+    """{name: entry} of DIR/config.json plus adapter sub-directories; paths made absolute; entries and adapter
+    directories checked (references are checked by `load_voices`)."""
     d = Path(directory)
     if not d.is_dir():
         raise VoiceError(f"{d}: voices directory not found")
@@ -79,6 +80,12 @@ def read_presets(directory: str | Path) -> dict[str, dict]:
                                   for k, v in e.items()} | {"where": where}
     for sub in sorted(p for p in d.iterdir() if (p / ADAPTER_CONFIG).is_file()):
         entries.setdefault(sub.name, {"adapter": str(sub), "where": str(sub)})
+    for e in entries.values():
+        if e.get("adapter"):
+            try:
+                e["adapter"] = str(adapter_dir(e["adapter"]).resolve())
+            except UserError as err:
+                raise VoiceError(f"{e['where']}: {err}") from None
     if not entries:
         raise VoiceError(f"{d}: no voices ({PRESETS} is missing and no sub-directory holds an adapter)")
     return entries
@@ -90,12 +97,6 @@ def load_voices(directory: str | Path, tok, cfg, codec_name: str, device) -> dic
     voices = {}
     for name, e in read_presets(directory).items():
         where = e["where"]
-        adapter = None
-        if e.get("adapter"):
-            try:
-                adapter = str(adapter_dir(e["adapter"]).resolve())
-            except UserError as err:
-                raise VoiceError(f"{where}: {err}") from None
         item = Item(text="", out=Path(), where=where, name=name, ref_audio=e.get("audio_file"),
                     ref_codes=e.get("codes_file"), ref_text=e.get("transcript"))
         for key in ("audio_file", "codes_file"):
@@ -105,5 +106,5 @@ def load_voices(directory: str | Path, tok, cfg, codec_name: str, device) -> dic
             reference = refs.resolve(item)
         except UserError as err:
             raise VoiceError(f"{where}: {err}" if where not in str(err) else str(err)) from None
-        voices[name] = Voice(name, adapter, reference, e.get("scene", DEFAULT_SCENE))
+        voices[name] = Voice(name, e.get("adapter"), reference, e.get("scene", DEFAULT_SCENE))
     return voices
