@@ -207,3 +207,22 @@ def test_the_command_names_what_is_wrong(tmp_path, capsys):
     assert main(["--voices", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("serve: error: ") and "config.json ['x']" in err and "missing_run" in err, err
+
+
+def test_chat_completions_stream_the_same_audio_as_sse_deltas(server):
+    """`POST /v1/chat/completions` (modalities text+audio) through the openai client: SSE chunks whose
+    `delta.audio.data` (base64 PCM) add up to the speech endpoint's body for the same request."""
+    import base64
+
+    want = speech(server, "ben", text="Chat with me.", seed=8)
+    chunks = server["client"].chat.completions.create(
+        model="minihiggs", modalities=["text", "audio"], audio={"voice": "ben", "format": "pcm16"}, stream=True,
+        messages=[{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Chat with me."}],
+        extra_body={"seed": 8, "max_tokens": STEPS})
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    audio = [d.audio.model_dump() if hasattr(d.audio, "model_dump") else d.audio for d in deltas]
+    got = b"".join(base64.b64decode(a["data"]) for a in audio if a and a.get("data"))
+    assert audio[0]["transcript"] == "Chat with me."
+    assert got == want and len(audio) >= 3
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi."}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "modalities"
