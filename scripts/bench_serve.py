@@ -1,5 +1,6 @@
 """The speech server's engine under load: time to first audio and throughput (seconds of audio per second of wall
-time, all streams together) at 1, 4 and 16 concurrent streams, every stream on one adapter vs each on its own.
+time, all streams together) at 1, 4 and 16 concurrent streams: one adapter merged into the weights (no LoRA at
+decode time: the baseline), every stream on one adapter of the per-row bank, each stream on its own adapter.
 
     python scripts/bench_serve.py                       # `small` shape on CPU (`make bench-serve`)
     python scripts/bench_serve.py --shape 3b --device cuda
@@ -32,8 +33,8 @@ from minihiggs.codec.tiny import write_random_decoder  # noqa: E402
 from minihiggs.generate.loading import load_codec  # noqa: E402
 from minihiggs.generate.sampling import SamplingConfig  # noqa: E402
 from minihiggs.generate.stream import StreamDecoder  # noqa: E402
-from minihiggs.lora.adapter import save_adapter  # noqa: E402
-from minihiggs.lora.apply import apply_lora  # noqa: E402
+from minihiggs.lora.adapter import load_adapter, save_adapter  # noqa: E402
+from minihiggs.lora.apply import apply_lora, merge_lora  # noqa: E402
 from minihiggs.serve.service import Limits, SpeechService  # noqa: E402
 from minihiggs.serve.voices import Voice  # noqa: E402
 from minihiggs.text.tokenizer import TextTokenizer, write_higgs_tokenizer  # noqa: E402
@@ -81,9 +82,14 @@ def main() -> None:
     tok = TextTokenizer.from_dir(write_higgs_tokenizer(Path(ltc).resolve().parent / "tokenizer", tmp / "tok"))
     codec = load_codec(write_random_decoder(tmp / "codec"), dev)
     adapters = make_adapters(args.shape, max(args.streams), tmp / "adapters")
-    for mode in ("one", "mixed"):
+    for mode in ("merged", "one", "mixed"):
         model = build_model(args.shape, dev, dtype)
-        names = adapters[:1] if mode == "one" else adapters
+        if mode == "merged":  # the baseline: one adapter folded into the weights (what `generate` does)
+            load_adapter(model, adapters[0])
+            merge_lora(model)
+            names = [None]
+        else:
+            names = adapters[:1] if mode == "one" else adapters
         voices = {f"v{i}": Voice(f"v{i}", a, None) for i, a in enumerate(names)}
         service = SpeechService(model, tok, codec, voices, Limits(slots=max(args.streams), max_len=256,
                                                                   max_tokens=args.steps), log=lambda m: None)

@@ -16,6 +16,8 @@ stop token (`<|end_of_text|>`, `<|eot_id|>`).
 Batching: rows have their own prompt lengths, positions, modes, generators and stop points; each row gets what
 it gets alone (prefill is per row; decode steps are batched, sampling is per row on CPU with the row's own
 generator). What a batch gains is throughput: one weight read per step serves every row (see README).
+`generate` is built from three pieces, `new_row`, `prefill_row` and `decode_step`, which `batcher.Batcher` also
+drives with rows that join and leave between steps (continuous batching, streaming).
 """
 
 from __future__ import annotations
