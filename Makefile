@@ -4,15 +4,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate clean
+.PHONY: venv test test-extras test-reference lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
 # torch==2.13.0 first when no torch is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): requirements.txt requirements-dev.txt
+# Then minihiggs itself, editable (pyproject.toml), so `import minihiggs` works from any directory in the venv.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # The whole suite except the tests of the optional extras (those run in `make test-extras`).
@@ -31,6 +33,19 @@ test-extras: $(EXTRAS)
 # ruff with the rules in pyproject.toml.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# minihiggs' transformers-layout export and adapters loaded by transformers/PEFT themselves (issue 15): a separate
+# .venv-ref with them, never a dependency of minihiggs or of `make test` (scripts/reference/check_transformers_load.py).
+REF_VENV  := .venv-ref
+REF_STAMP := $(REF_VENV)/.installed
+$(REF_STAMP): requirements.txt
+	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -c "import torch" 2>/dev/null || $(REF_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(REF_VENV)/bin/python -m pip install -q -r requirements.txt transformers==5.25.0 peft==0.22.0
+	touch $(REF_STAMP)
+
+test-reference: $(REF_STAMP)
+	$(REF_VENV)/bin/python scripts/reference/check_transformers_load.py
 
 # The demo draws its loss curves, so it installs matplotlib (the one plotting extra) when it is missing.
 MATPLOTLIB := $(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "$$(grep '^matplotlib' requirements-extras.txt)"
@@ -61,9 +76,10 @@ serve: $(STAMP)
 	$(PY) scripts/demo_voices.py demo_out
 	$(PY) -m minihiggs.serve --voices demo_out/voices --codec demo_out/codec --port $(PORT) --max_tokens 400
 
-# time to first audio and audio seconds per second at 1, 4 and 16 concurrent streams (CPU `small` shape)
+# time to first audio and audio seconds per second at 1, 4 and 16 concurrent streams (CPU `small` shape; one thread:
+# on a shared machine OpenMP threads waiting for cores make every small op slow)
 bench-serve: $(STAMP)
-	$(PY) scripts/bench_serve.py $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_serve.py $(ARGS)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache
@@ -101,6 +117,10 @@ bench-codec: $(STAMP)
 # frames/s and real-time factor at batch 1 and 8 (`small` shape on CPU; add ARGS="--shape 3b --device cuda" on a GPU)
 bench-generate: $(STAMP)
 	$(PY) scripts/bench_generate.py $(ARGS)
+
+# seconds of scoring per second of audio (Whisper ASR, WavLM SV) on random weights; ARGS="--shape large-v3 --device cuda"
+bench-eval: $(STAMP)
+	$(PY) scripts/bench_eval.py $(ARGS)
 
 # make plot OUT=runs/myvoice  -> OUT/loss.png from OUT/metrics.jsonl (train.py also draws it at every validation
 # when matplotlib is installed; this target installs matplotlib into the venv if it is missing)

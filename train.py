@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """train.py — LoRA fine-tuning of Higgs Audio v2 on shards made by prep.py: one device, DDP or FSDP2.
 
-    python train.py --train_manifest data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
-    torchrun --nproc_per_node=8 train.py --train_manifest ... --output_dir ... [--fsdp]
+    python train.py --shards data/prepared --output_dir runs/me --base_ckpt DIR_OR_HUB_ID
+    torchrun --nproc_per_node=8 train.py --shards ... --output_dir ... [--fsdp]
     python train.py ... --resume latest          # continue exactly where the newest checkpoint left off
 
 One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples on every rank. The loss of the step
@@ -32,32 +32,33 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from minihiggs.errors import UserError  # noqa: E402
+from minihiggs.cli import run  # noqa: E402
 from minihiggs.train import parse_train_args, train  # noqa: E402
-from minihiggs.train.signals import Interrupted  # noqa: E402
+from minihiggs.train.signals import Interrupted, StopRequest  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cfg = parse_train_args(argv, description=__doc__.split("\n\n")[0])
-        return train(cfg, argv)
-    except UserError as e:
-        # Bad shards, checkpoint, config, settings or --resume target: the message names the file and field,
-        # and a traceback would only bury it. (One line, also for messages that list several problems.)
-        print("train.py: error: " + "; ".join(p.strip() for p in str(e).splitlines() if p.strip()), file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        if e.abort:
-            print(f"train.py: aborted by a second {e.signal_name}: no checkpoint written for the steps since the "
-                  f"last one (continue from it with --resume latest)", file=sys.stderr)
-            return 130
-        print(f"train.py: stopped by {e.signal_name} during setup: nothing trained, nothing to save", file=sys.stderr)
-        return 0
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    """`stop`: an installed stop handler that outlives the run (see `minihiggs.train.train`). A user error (bad
+    shards, checkpoint, config, settings or --resume target) ends as cli.run's one line and exit 2."""
+    def command(args: list[str]) -> int:
+        try:
+            return train(parse_train_args(args, description=__doc__.split("\n\n")[0]), args, stop=stop)
+        except Interrupted as e:
+            if e.abort:
+                print(f"train.py: aborted by a second {e.signal_name}: no checkpoint written for the steps since "
+                      f"the last one (continue from it with --resume latest)", file=sys.stderr)
+                return 130
+            print(f"train.py: stopped by {e.signal_name} during setup: nothing trained, nothing to save",
+                  file=sys.stderr)
+            return 0
+
+    return run("train.py", command, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
-    code = main()
+    # The stop handler stays installed until the process exits: a copy of the signal that arrives after the
+    # checkpoint (torchrun forwards the scheduler's SIGTERM late) must meet it, not the default handler.
+    code = main(stop=StopRequest().install())
     if os.environ.get("WORLD_SIZE", "1") != "1":
         # Everything is saved and the process group is destroyed. Skip interpreter teardown: with FSDP2 on gloo
         # it aborts now and then ("terminate called without an active exception", torch 2.13), which would

@@ -22,8 +22,9 @@ Declare the settings as a dataclass whose fields carry their flag in `flag(...)`
     if __name__ == "__main__":
         sys.exit(main())
 
-Flags (`build_parser`): one `--<field name>` per field declared with `flag` (other fields are not flags and keep
-their defaults), plus `aliases` (old names kept working). The type comes from the annotation: `int`, `float`,
+Flags (`build_parser`): one `--<field name>` (or `option=`) per field declared with `flag` (other fields are not
+flags and keep their defaults), plus `aliases` (old names kept working); a field without a default is a required
+flag. The type comes from the annotation: `int`, `float`,
 `str` (each may be `| None`), `list[...]` (nargs "+"), and `bool` (a store_true switch, or what `action=` says,
 e.g. `argparse.BooleanOptionalAction`). Any other keyword goes to `add_argument` as is (choices, metavar, nargs,
 required, type). `group=` puts the flag under a heading in `--help`, in the order groups first appear.
@@ -56,9 +57,14 @@ USER_ERROR_EXIT = 2  # as argparse exits on a malformed flag: one code for "your
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
-def flag(default: Any, help: str, group: str | None = None, aliases: tuple[str, ...] = (), **argparse_kw):
-    """A dataclass field that is also a command-line flag `--<name>` (see the module docstring)."""
-    meta = {"help": help, "group": group, "aliases": tuple(aliases), **argparse_kw}
+def flag(default: Any = dataclasses.MISSING, help: str = "", group: str | None = None, aliases: tuple[str, ...] = (),
+         option: str | None = None, **argparse_kw):
+    """A dataclass field that is also a command-line flag `--<name>` (see the module docstring). No default: a
+    required flag. `option` replaces the flag's name (e.g. `--no_progress` for a `progress` field with
+    action="store_false")."""
+    meta = {"help": help, "group": group, "aliases": tuple(aliases), "option": option, **argparse_kw}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta)
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -71,7 +77,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         help = action.help or ""
         default = action.default
         if ("%(default)" in help or "default" in help.lower() or action.required or default is None
-                or default is False or default is argparse.SUPPRESS or not action.option_strings):
+                or default is False or default is argparse.SUPPRESS or not action.option_strings
+                or action.nargs == 0):  # a switch (store_true/false): its help says what giving it does
             return help
         return help + " (default: %(default)s)"
 
@@ -86,10 +93,14 @@ def build_parser(cls: type, prog: str | None = None, description: str = "") -> a
             continue
         kw = dict(f.metadata)
         group_name, aliases = kw.pop("group", None), kw.pop("aliases", ())
+        option = kw.pop("option", None) or f"--{f.name}"
         target = ap if group_name is None else groups.setdefault(group_name, ap.add_argument_group(group_name))
-        kw.setdefault("default", _default_of(f))
+        if _is_required(f):
+            kw.setdefault("required", True)
+        else:
+            kw.setdefault("default", _default_of(f))
         _add_type(kw, hints[f.name], f.name)
-        target.add_argument(f"--{f.name}", *aliases, dest=f.name, **kw)
+        target.add_argument(option, *aliases, dest=f.name, **kw)
     return ap
 
 
@@ -118,6 +129,10 @@ def one_line(e: BaseException) -> str:
 
 
 # ---- annotations -> argparse -------------------------------------------------------------------------------
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -1,7 +1,9 @@
-"""Model configuration, parsed from a Higgs Audio v2 checkpoint's `config.json`.
+"""Model configuration, parsed from a Higgs Audio v2 checkpoint's `config.json` (either layout, see layouts.py).
 
-Every special-token id is read from the config, never hard-coded. Options the model cannot honour are
-refused with an error naming the field and its value, instead of being silently ignored.
+Special-token ids come from the config (the transformers layout lacks two, which layouts.py supplies and prep /
+generate check against the tokenizer). A field absent from config.json takes the dataclass default below, the one
+place defaults are written (upstream's own defaults). Options the model cannot honour are refused with an error
+naming the field and its value, instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layouts
 from .errors import ConfigError
 
 
@@ -27,7 +30,7 @@ class TextConfig:
     num_key_value_heads: int = 8
     head_dim: int = 128
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
+    rope_theta: float = 10000.0  # Llama's default; every Higgs config sets 500000
     rope_scaling: dict | None = None
     max_position_embeddings: int = 131072
     hidden_act: str = "silu"
@@ -63,10 +66,11 @@ class TextConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv,
             head_dim=head_dim,
-            rms_norm_eps=f.float("rms_norm_eps", 1e-5),
-            rope_theta=f.float("rope_theta", 10000.0),
+            rms_norm_eps=f.float("rms_norm_eps", _default(TextConfig, "rms_norm_eps")),
+            rope_theta=f.float("rope_theta", _default(TextConfig, "rope_theta")),
             rope_scaling=_rope_scaling(d.get("rope_scaling")),
-            max_position_embeddings=f.int("max_position_embeddings", 131072, minimum=1),
+            max_position_embeddings=f.int("max_position_embeddings", _default(TextConfig, "max_position_embeddings"),
+                                          minimum=1),
             pad_token_id=f.int("pad_token_id", None),
         )
 
@@ -80,19 +84,20 @@ class HiggsConfig:
     audio_codebook_size: int = 1024
     audio_stream_bos_id: int = 1024
     audio_stream_eos_id: int = 1025
-    use_delay_pattern: bool = True
-    encode_audio_in_tokens: bool = True
+    use_delay_pattern: bool = False  # (upstream's defaults; the released checkpoint sets both true)
+    encode_audio_in_tokens: bool = False
     audio_embed_avg: bool = False
     use_audio_out_embed_projector: bool = False
     skip_audio_tower: bool = True
     encode_whisper_embed: bool = False
     audio_encoder_config: dict | None = None
-    pad_token_id: int = 128001
-    audio_in_token_id: int = 128015
-    audio_out_token_id: int = 128016
-    audio_out_bos_token_id: int | None = 128013
-    audio_eos_token_id: int | None = 128012
-    raw: dict = field(default_factory=dict, repr=False)  # the full config.json, re-written verbatim on export
+    pad_token_id: int | None = None
+    audio_in_token_id: int = 0  # (required in config.json; 0 only for a hand-built config)
+    audio_out_token_id: int = 0
+    audio_out_bos_token_id: int | None = None
+    audio_eos_token_id: int | None = None
+    raw: dict = field(default_factory=dict, repr=False)  # the full config.json as read (either layout)
+    layout: str = layouts.LEGACY  # the layout config.json was in (`layouts.LEGACY` / `layouts.TRANSFORMERS`)
 
     @property
     def codebook_stride(self) -> int:
@@ -121,18 +126,28 @@ class HiggsConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "HiggsConfig":
+        """Parse a config.json of either layout (told apart by `model_type`)."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
+        if layouts.model_layout(d) == layouts.TRANSFORMERS:
+            cfg = HiggsConfig._from_legacy_dict(layouts.model_config_to_legacy(d))
+            cfg.raw, cfg.layout = d, layouts.TRANSFORMERS
+            return cfg
+        return HiggsConfig._from_legacy_dict(d)
+
+    @staticmethod
+    def _from_legacy_dict(d: dict) -> "HiggsConfig":
         if "text_config" not in d:
-            raise ConfigError("config.json: missing field 'text_config' (is this a Higgs Audio v2 checkpoint?)")
+            raise ConfigError("config.json: missing field 'text_config' and model_type is not "
+                              f"'{layouts.MODEL_TYPES[layouts.TRANSFORMERS]}' (is this a Higgs Audio v2 checkpoint?)")
         text = TextConfig.from_dict(d["text_config"])
         f = _Fields(d, "")
         _refuse(d, "audio_adapter_type", d.get("audio_adapter_type"), {"dual_ffn", "dual_ffn_fast_forward"})
         _refuse(d, "audio_decoder_proj_num_layers", int(d.get("audio_decoder_proj_num_layers") or 0), {0})
         _refuse(d, "use_rq_transformer", bool(d.get("use_rq_transformer", False)), {False})
         _refuse(d, "use_audio_out_self_attention", bool(d.get("use_audio_out_self_attention", False)), {False})
-        skip_tower = bool(d.get("skip_audio_tower", True))
-        encode_whisper = bool(d.get("encode_whisper_embed", False))
+        skip_tower = bool(d.get("skip_audio_tower", _default(HiggsConfig, "skip_audio_tower")))
+        encode_whisper = bool(d.get("encode_whisper_embed", _default(HiggsConfig, "encode_whisper_embed")))
         if not skip_tower and not d.get("audio_encoder_config"):
             raise ConfigError("config.json: skip_audio_tower=false but audio_encoder_config is missing")
         layers = d.get("audio_dual_ffn_layers") or []
@@ -142,22 +157,27 @@ class HiggsConfig:
         if bad:
             raise ConfigError(f"config.json: audio_dual_ffn_layers={layers} has indices outside "
                               f"[0, {text.num_hidden_layers})")
+        dflt = {name: _default(HiggsConfig, name) for name in (
+            "audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id", "audio_stream_eos_id",
+            "use_delay_pattern", "encode_audio_in_tokens", "audio_embed_avg", "use_audio_out_embed_projector",
+            "skip_audio_tower", "encode_whisper_embed")}
         cfg = HiggsConfig(
             text=text,
             audio_adapter_type=d["audio_adapter_type"],
             audio_dual_ffn_layers=layers,
-            audio_num_codebooks=f.int("audio_num_codebooks", 8, minimum=1),
-            audio_codebook_size=f.int("audio_codebook_size", 1024, minimum=1),
-            audio_stream_bos_id=f.int("audio_stream_bos_id", 1024),
-            audio_stream_eos_id=f.int("audio_stream_eos_id", 1025),
-            use_delay_pattern=bool(d.get("use_delay_pattern", False)),
-            encode_audio_in_tokens=bool(d.get("encode_audio_in_tokens", False)),
-            audio_embed_avg=bool(d.get("audio_embed_avg", False)),
-            use_audio_out_embed_projector=bool(d.get("use_audio_out_embed_projector", False)),
+            audio_num_codebooks=f.int("audio_num_codebooks", dflt["audio_num_codebooks"], minimum=1),
+            audio_codebook_size=f.int("audio_codebook_size", dflt["audio_codebook_size"], minimum=1),
+            audio_stream_bos_id=f.int("audio_stream_bos_id", dflt["audio_stream_bos_id"]),
+            audio_stream_eos_id=f.int("audio_stream_eos_id", dflt["audio_stream_eos_id"]),
+            use_delay_pattern=bool(d.get("use_delay_pattern", dflt["use_delay_pattern"])),
+            encode_audio_in_tokens=bool(d.get("encode_audio_in_tokens", dflt["encode_audio_in_tokens"])),
+            audio_embed_avg=bool(d.get("audio_embed_avg", dflt["audio_embed_avg"])),
+            use_audio_out_embed_projector=bool(d.get("use_audio_out_embed_projector",
+                                                     dflt["use_audio_out_embed_projector"])),
             skip_audio_tower=skip_tower,
             encode_whisper_embed=encode_whisper,
             audio_encoder_config=d.get("audio_encoder_config"),
-            pad_token_id=_first(f.int("pad_token_id", None), text.pad_token_id, 128001),
+            pad_token_id=_pad_token_id(f.int("pad_token_id", None), text.pad_token_id),
             audio_in_token_id=f.int("audio_in_token_idx", minimum=0),
             audio_out_token_id=f.int("audio_out_token_idx", minimum=0),
             audio_out_bos_token_id=f.int("audio_out_bos_token_id", None),
@@ -195,8 +215,16 @@ class HiggsConfig:
             raise ConfigError(f"{path}: {msg}") from None
 
 
-def _first(*vals: Any) -> Any:
-    return next(v for v in vals if v is not None)
+def _default(cls, name: str) -> Any:
+    """The dataclass default of `cls.name`: what an absent config.json field means (written once, above)."""
+    return cls.__dataclass_fields__[name].default
+
+
+def _pad_token_id(top: int | None, text: int | None) -> int:
+    """The padding id: the top-level field, else text_config's (older configs put it there only)."""
+    if top is None and text is None:
+        raise ConfigError("config.json: missing field 'pad_token_id' (neither at the top level nor in text_config)")
+    return top if top is not None else text
 
 
 _REQUIRED = object()

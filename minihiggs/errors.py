@@ -68,3 +68,11 @@ class GenerateError(UserError, ValueError):
 class OutputError(UserError, OSError):
     """An output directory or file that cannot be written: not a directory, read-only, a full disk. The message
     names the path; what was written before (checkpoints, adapters) is intact, every write being atomic."""
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation request that cannot be scored (unknown ASR language, no reference clip, bad prompt set, ...)."""
+
+
+class IngestError(UserError, ValueError):
+    """A folder of recordings that cannot be ingested (no recordings, a bad speaker map, changed settings, ...)."""

@@ -146,3 +146,22 @@ def writing(path: str | os.PathLike, hint: str = "") -> Iterator[None]:
         raise
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})" + (f" ({hint})" if hint else "")) from e
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain `open(..., "w")` would (0666 minus the umask): safetensors' writer
+    creates files 0600, which others on a shared machine cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -7,8 +7,10 @@ from safetensors.torch import load_file
 
 from golden import MODEL_ROOT, variants
 from minihiggs.errors import ManifestError
-from minihiggs.prep.manifest import parse_plain_line, voice_clone_references
-from minihiggs.text.chatml import DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample, tts_system_prompt
+from minihiggs.prep.plain_list import (NORMALIZED, SPEAKER, ListLayout, parse_plain_line, split_columns,
+                                       voice_clone_references)
+from minihiggs.text.chatml import (DEFAULT_SCENE, encode_chatml, expand_audio_in, parse_chatml, tts_sample,
+                                   tts_system_prompt)
 
 ROLE_IDS = {9125: "system", 882: "user", 78191: "assistant"}
 IN_TRIPLE, OUT_TRIPLE = [128011, 128015, 128012], [128013, 128016, 128012]
@@ -238,27 +240,32 @@ def test_voice_clone_layout(tok):
 
 
 def test_plain_lines(tmp_path):
+    """One line's columns read as its file's layout says (the layout itself: test_manifest_forms.py)."""
     (tmp_path / "wavs").mkdir()
     (tmp_path / "wavs" / "LJ001.wav").write_bytes(b"")
-    r = parse_plain_line("LJ001|Raw text 1.|Normalized text one.", 3, str(tmp_path), "|")
+    lst = tmp_path / "metadata.csv"
+    lj = ListLayout(lst, "|", NORMALIZED, 3)
+    r = parse_plain_line(split_columns("LJ001|Raw text 1.|Normalized text one.", "|"), 3, lj)
     assert (r.line, r.sample_id, r.text, r.speaker) == (3, "LJ001", "Normalized text one.", None)
     assert r.audio == str(tmp_path / "wavs" / "LJ001.wav")
-    r = parse_plain_line("LJ002|Only text", 4, str(tmp_path), "|")
+    r = parse_plain_line(["LJ002", "Only text"], 4, lj)
     assert r.text == "Only text" and r.audio == str(tmp_path / "wavs" / "LJ002.wav")
-    r = parse_plain_line("clips/a.flac|Hi there|alice", 5, str(tmp_path), "|")
+    r = parse_plain_line(split_columns("clips/a.flac|Hi there|alice", "|"), 5, ListLayout(lst, "|", SPEAKER, 3))
     assert (r.audio, r.text, r.speaker) == (str(tmp_path / "clips" / "a.flac"), "Hi there", "alice")
-    r = parse_plain_line('b.wav,"Hello, world",bob', 6, str(tmp_path), ",")
+    cols = split_columns('b.wav, "Hello, world",bob', ",")
+    assert cols == ["b.wav", "Hello, world", "bob"]
+    r = parse_plain_line(cols, 6, ListLayout(lst, ",", SPEAKER, 3))
     assert (r.text, r.speaker) == ("Hello, world", "bob")
-    assert parse_plain_line("id|text", 1, str(tmp_path), "|") is None
     with pytest.raises(ManifestError, match="2"):
-        parse_plain_line("lonely", 7, str(tmp_path), "|")
+        parse_plain_line(["lonely"], 7, lj)
     with pytest.raises(ManifestError) as e:
-        parse_plain_line("a.wav|", 8, str(tmp_path), "|")
+        parse_plain_line(["a.wav", ""], 8, lj)
     assert e.value.kind == "no_target"
 
 
 def test_voice_clone_pairs_same_speaker_other_utterance(tmp_path):
-    rows = [parse_plain_line(f"{s}{i}.wav|text {s}{i}|{s}", n, str(tmp_path), "|")
+    layout = ListLayout(tmp_path / "list.txt", "|", SPEAKER, 3)
+    rows = [parse_plain_line([f"{s}{i}.wav", f"text {s}{i}", s], n, layout)
             for n, (s, i) in enumerate([("a", 0), ("b", 0), ("a", 1), ("a", 2), ("c", 0), ("b", 1)], 1)]
     ref = voice_clone_references(rows)
     for r in rows:

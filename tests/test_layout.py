@@ -12,6 +12,7 @@ PKG = REPO / "minihiggs"
 # Lower layers never import higher ones; a package may import itself and anything below.
 LAYERS = [
     {"errors", "constants"},
+    {"layouts"},
     {"hub", "fsio", "wrappers", "config", "cli"},
     {"text", "audio"},
     {"codec"},
@@ -20,7 +21,8 @@ LAYERS = [
     {"lora"},
     {"metrics"},
     {"prep", "generate"},
-    {"train"},
+    {"eval"},
+    {"train", "ingest"},
     {"export", "tiny", "serve", "__init__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -127,7 +127,8 @@ def test_fixed_length_and_layout():
     b = collate_rows([samples], cfg, length=512)
     n = sum(len(collate([s], cfg).input_ids[0]) for s in samples)  # each alone rounds to 8: an upper bound
     assert b.input_ids.shape == (1, 512) and b.num_tokens == int(b.attention_mask.sum()) <= n
-    assert b.segment_ids[0, :b.num_tokens].unique().tolist() == [0, 1, 2] and (b.segment_ids[0, b.num_tokens:] == -1).all()
+    assert b.segment_ids[0, :b.num_tokens].unique().tolist() == [0, 1, 2]
+    assert (b.segment_ids[0, b.num_tokens:] == -1).all()
     longer = collate_rows([samples], cfg, length=16)  # a fixed length never cuts a row
     assert longer.input_ids.shape[1] >= b.num_tokens and longer.num_tokens == b.num_tokens
     with pytest.raises(ValueError, match="at least one sample"):
@@ -180,7 +181,8 @@ def test_train_with_packing_resumes_bitwise(shards, tiny_ckpt, tmp_path):
     assert train.main(packed_args(shards, tiny_ckpt, straight)) == 0
     mid = straight / "checkpoints" / "step-00000004"
     state = ckpt_io.load_trainer_state(mid)
-    assert state["sampler"]["max_tokens"] == 256
+    assert state["batches_in_epoch"] > 0  # the data position (the resumed sampler is positioned from it)
+    assert ckpt_io.read_args_record(mid)["args"]["max_tokens_per_batch"] == 256
     resumed = tmp_path / "resumed"
     assert train.main(packed_args(shards, tiny_ckpt, resumed) + ["--resume", str(mid)]) == 0
     a, b = adapter(straight / "final"), adapter(resumed / "final")

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from minihiggs.prep import run_prep
+from minihiggs.prep import PrepConfig, prepare
 from helpers import LLAMA_DIR, TOWER
 from minihiggs import collate, load_model
 from minihiggs.data.dataset import ShardDataset
@@ -35,7 +35,8 @@ def data(tmp_path_factory):
         rows.append({"id": f"utt{i}", "speaker": "spk", "messages": [
             {"role": "system", "content": "Generate audio following instruction."},
             {"role": "user", "content": [{"type": "text", "text": f"Reference {i}"},
-                                         {"type": "audio", "audio_url": f"{ref}_ref.wav", "audio_codes": f"{ref}.npy"}]},
+                                         {"type": "audio", "audio_url": f"{ref}_ref.wav",
+                                          "audio_codes": f"{ref}.npy"}]},
             {"role": "assistant", "content": [{"type": "audio", "audio_codes": f"out{i}.npy"}]}]})
     (d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d
@@ -48,8 +49,8 @@ def test_prepared_shards_train(tower, data, tmp_path):
     tok = write_higgs_tokenizer(LLAMA_DIR, tmp_path / "tok")
     for f in Path(tok).iterdir():
         shutil.copy(f, ckpt / f.name)
-    summary = run_prep(data / "m.jsonl", tmp_path / "shards", base_ckpt=str(ckpt), codec="/nonexistent",
-                            progress=False, log=lambda *a: None)
+    summary = prepare(PrepConfig(manifest=str(data / "m.jsonl"), out=str(tmp_path / "shards"), base_ckpt=str(ckpt),
+                                 codec="/nonexistent", progress=False), log=lambda *a: None)
     assert summary["samples"] == 3 and summary["skipped"] == 0
     ds = ShardDataset(tmp_path / "shards", verify="full")
     assert ds.whisper == tower

@@ -111,7 +111,7 @@ def test_bad_inputs_reported_good_samples_intact(ckpts, data, tmp_path):
     assert [ds.record(i)["line"] for i in range(3)] == [1, 4, 16]
     assert [ds.speakers[i] for i in range(3)] == ["alice", None, "bob"]
     tok = ckpts["tok"]
-    for i, (line, obj) in enumerate(data["good"]):
+    for i, (_, obj) in enumerate(data["good"]):
         s = ds[i]
         enc = encode_chatml(parse_chatml(obj, str(data["dir"])), tok)
         assert s.input_ids.tolist() == enc.input_ids
@@ -229,8 +229,8 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
     calls = []
 
     def crashing(self, job):
-        calls.append(job["name"])
-        if job["name"] == "shard-00002":
+        calls.append(job.name)
+        if job.name == "shard-00002":
             raise KeyboardInterrupt  # interrupted in the middle of this shard
         return real_run(self, job)
 
@@ -248,7 +248,7 @@ def test_resume_after_interrupted_run(ckpts, data, tmp_path, monkeypatch):
     calls.clear()
 
     def counting(self, job):
-        calls.append(job["name"])
+        calls.append(job.name)
         return real_run(self, job)
 
     monkeypatch.setattr(prep_worker.Worker, "run", counting)
@@ -310,7 +310,7 @@ def test_cli_and_makefile(ckpts, data, tmp_path):
     assert rc == 0 and len(ShardDataset(tmp_path / "cli")) == 3
     rc = prep.main(["--manifest", str(data["manifest"]), "--out", str(tmp_path / "cli2"), "--base_ckpt",
                     str(ckpts["ff"]), "--codec", NO_CODEC, "--strict", "--no_progress"])
-    assert rc == 1
+    assert rc == 2  # a user error, as in the other commands
     make = subprocess.run(["make", "-n", "-W", ".venv/.installed", "prep", "MANIFEST=m.jsonl", "OUT=o",
                            "ARGS=--workers 2"], cwd=REPO, capture_output=True, text=True)
     assert make.returncode == 0, make.stderr
@@ -375,13 +375,15 @@ def test_raw_audio_offset_duration(ckpts, tmp_path):
     assert torch.equal(ds[1].whisper_features[0], part[0]) and ds[1].whisper_lengths == [100]
 
 
-def test_codec_needed_but_unavailable(ckpts, data, tmp_path):
-    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [
+@pytest.mark.parametrize("workers", [1, 2])
+def test_codec_needed_but_unavailable(workers, ckpts, data, tmp_path):
+    """In a pool worker too, the user error arrives as its one line (a bug in a worker keeps its traceback)."""
+    line = json.dumps({"messages": [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "audio", "audio_url": str(data["dir"] / "audio" / "a16.wav")}]}]})
-        + "\n")
-    with pytest.raises(PrepError, match="cannot load the audio tokenizer"):
-        run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"])
+    (tmp_path / "m.jsonl").write_text(f"{line}\n{line}\n")
+    with pytest.raises(PrepError, match="^cannot load the audio tokenizer '/nonexistent/codec' [^\n]*$"):
+        run(tmp_path / "m.jsonl", tmp_path / "out", ckpts["ff"], workers=workers, shard_size=1)
 
 
 # ------------------------------------------------------------------------------------------- review fixes
@@ -400,8 +402,8 @@ def test_settings_read_like_the_trainer(ckpts, data, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     model_cfg = HiggsConfig.from_dict(cfg)
     ms = model_settings(cfg)
-    assert ms["whisper"] == model_cfg.uses_whisper_features
-    assert ms["num_codebooks"] == model_cfg.audio_num_codebooks == 8
+    assert ms.whisper == model_cfg.uses_whisper_features
+    assert ms.num_codebooks == model_cfg.audio_num_codebooks == 8
     run(data["manifest"], tmp_path / "out", d, max_tokens=1000)
     ds = ShardDataset(tmp_path / "out")
     assert len(ds) == 3
@@ -419,21 +421,22 @@ def test_changed_codec_refused_on_resume(ckpts, data, tmp_path):
 def test_dead_worker_is_an_error_not_a_hang(ckpts, data, tmp_path):
     """A worker process that dies (OOM killer, native crash) must fail the run, not hang it forever."""
     (tmp_path / "crash_helper.py").write_text(
-        "import os\nfrom minihiggs.prep import worker\n\n"
+        "import os\nfrom minihiggs.prep import pool\n\n"
         "def run_job(job):\n"
-        "    if job['name'] == 'shard-00001':\n"
+        "    if job.name == 'shard-00001':\n"
         "        os._exit(3)  # dies like a process killed for memory\n"
-        "    return worker._W.run(job)\n")
+        "    return pool._W.run(job)\n")
     script = (
         "import sys\n"
         f"sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]\n"
         "import crash_helper\n"
-        "from minihiggs.prep import run_prep, worker\n"
+        "from minihiggs.prep import PrepConfig, prepare, pool\n"
         "from minihiggs.errors import PrepError\n"
-        "worker._run_job = crash_helper.run_job\n"
+        "pool._run_job = crash_helper.run_job\n"
         "try:\n"
-        f"    run_prep({str(data['manifest'])!r}, {str(tmp_path / 'out')!r}, base_ckpt={str(ckpts['ff'])!r},\n"
-        f"                  codec={NO_CODEC!r}, workers=2, shard_size=3, progress=False, log=lambda *a: None)\n"
+        f"    prepare(PrepConfig({str(data['manifest'])!r}, {str(tmp_path / 'out')!r},\n"
+        f"                       base_ckpt={str(ckpts['ff'])!r}, codec={NO_CODEC!r}, workers=2, shard_size=3,\n"
+        f"                       progress=False), log=lambda *a: None)\n"
         "except PrepError as e:\n"
         "    print('PREP_ERROR', e)\n"
         "    sys.exit(7)\n")

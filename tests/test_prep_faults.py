@@ -18,11 +18,12 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from golden import CODEC_ROOT, REPO
+from golden import REPO
 from minihiggs.data.dataset import ShardDataset
 from minihiggs.errors import PrepError
 from minihiggs.prep import worker as prep_worker
-from minihiggs.prep.manifest import read_plain_list
+from minihiggs.prep.manifest import BadEntry, ChatmlEntry
+from minihiggs.prep.plain_list import read_plain_list
 from helpers import NO_CODEC, codes_file, errors_of, run, tone
 
 SYS = {"role": "system", "content": "Generate audio following instruction."}
@@ -62,22 +63,21 @@ def test_json_array_with_a_byte_order_mark(ckpts, tmp_path):
     assert [ds.record(i)["line"] for i in range(2)] == [i for i, ln in enumerate(text.splitlines(), 1) if ln == " {"]
 
 
-def test_voice_clone_references_only_among_usable_utterances(ckpts, codec_dir, tmp_path):  # noqa: F811
+def test_voice_clone_references_only_among_usable_utterances(ckpts, codec_variant, codec_dir, tmp_path):
     """A bad file must not take down the good utterance that would have used it as its reference (was: 2 of 4
     good rows lost in one set); a speaker without a usable reference is named. Also: a 10 ms clip is too short
     (empty_audio), not corrupt (the pre-check and the encoder now agree on its frame count)."""
-    clips = CODEC_ROOT / "real" / "clips"
-    gold = {n: load_file(CODEC_ROOT / "real" / "golden" / f"{n}.safetensors")["codes"]
-            for n in ("chirp_24k", "clip_44k")}
+    a, b = sorted((codec_variant / "clips").glob("*.wav"))[:2]  # whichever golden set: two of its clips
+    gold = {p: load_file(codec_variant / "golden" / f"{p.stem}.safetensors")["codes"] for p in (a, b)}
     (tmp_path / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + os.urandom(300))
     sf.write(tmp_path / "tiny.wav", tone(24000, 0.01), 24000)
-    shutil.copy(clips / "chirp_24k.wav", tmp_path / "chirp_copy.wav")
+    shutil.copy(a, tmp_path / "a_copy.wav")
     lst = ["path|text|speaker",
-           f"{clips / 'chirp_24k.wav'}|A rising chirp.|spk1",       # 2: good; its next utterance is garbage
+           f"{a}|A first clip.|spk1",                               # 2: good; its next utterance is garbage
            f"{tmp_path / 'garbage.wav'}|Broken.|spk1",              # 3: corrupt
-           f"{clips / 'clip_44k.wav'}|A short tone.|spk1",          # 4: good
+           f"{b}|A second clip.|spk1",                              # 4: good
            f"{tmp_path / 'tiny.wav'}|Too short.|spk2",              # 5: 10 ms
-           f"{tmp_path / 'chirp_copy.wav'}|Chirp again.|spk2"]      # 6: good, no usable partner
+           f"{tmp_path / 'a_copy.wav'}|The first again.|spk2"]      # 6: good, no usable partner
     (tmp_path / "list.txt").write_text("\n".join(lst) + "\n")
     out, log = tmp_path / "out", []
     summary = run(tmp_path / "list.txt", out, ckpts["ff"], codec=str(codec_dir), voice_clone=True, device="cpu",
@@ -87,22 +87,22 @@ def test_voice_clone_references_only_among_usable_utterances(ckpts, codec_dir, t
     ds = ShardDataset(out)
     assert [ds.record(i)["line"] for i in range(3)] == [2, 4, 6]
     ref0, tgt0 = ds[0].audio_codes  # line 2: reference = line 4 (the next *usable* utterance of spk1)
-    assert torch.equal(ref0, gold["clip_44k"]) and torch.equal(tgt0, gold["chirp_24k"])
+    assert torch.equal(ref0, gold[b]) and torch.equal(tgt0, gold[a])
     ref1, tgt1 = ds[1].audio_codes
-    assert torch.equal(ref1, gold["chirp_24k"]) and torch.equal(tgt1, gold["clip_44k"])
+    assert torch.equal(ref1, gold[a]) and torch.equal(tgt1, gold[b])
     assert len(ds[2].audio_codes) == 1  # line 6: prepared without a reference, and the log says why
     assert any("speaker 'spk2' has no other usable utterance: 1 utterance(s) prepared without a reference" in m
                for m in log)
 
 
-def test_codec_frame_count_agrees_with_the_encoder():
+def test_codec_frame_count_agrees_with_the_encoder(codec_variant):
     """`frames(n) == 0` exactly when encoding n samples is refused (was: >= 1 for clips the encoder refuses,
     so a 10 ms clip passed the pre-check and failed in the codec as 'corrupt_audio')."""
     from minihiggs.codec.loading import CodecConfig
     from minihiggs.codec.tokenizer import AudioTokenizer
 
     with torch.device("meta"):  # only the conv arithmetic is used: no weights needed
-        codec = AudioTokenizer(CodecConfig.from_file(CODEC_ROOT / "real" / "config.json"))
+        codec = AudioTokenizer(CodecConfig.from_file(codec_variant / "config.json"))
     for n in range(0, 2000, 7):
         try:
             codec._as_wave(np.full(n, 0.1, np.float32))
@@ -203,7 +203,7 @@ def plain(tmp_path: Path, name: str, lines: list[str]) -> Path:
 
 def prompts(entries) -> list[tuple[int, str, str | None]]:
     """(line, transcript, speaker) of the ChatML objects read from a plain list."""
-    return [(e[1], e[2]["messages"][-2]["content"], e[2]["speaker"]) for e in entries if e[0] == "obj"]
+    return [(e.line, e.obj["messages"][-2]["content"], e.obj["speaker"]) for e in entries if isinstance(e, ChatmlEntry)]
 
 
 def test_vctk_style_third_column_is_the_speaker(tmp_path):
@@ -221,8 +221,9 @@ def test_vctk_style_third_column_is_the_speaker(tmp_path):
 
 @pytest.mark.parametrize("lines,expect", [
     (["p225_001|Please call Stella.|p225", "LJ002|Printing, in the only sense.|Printing, in the only sense."],
-     "reads as a speaker id on some lines (line 1: 'p225') and as normalized text on others (line 2"),
-    (["a1|Hello|bob", "a2|Bye|alice"], "cannot tell whether the third column is a speaker id or normalized text"),
+     "m.txt:1: the third column reads as a speaker id here ('p225') and as normalized text on line 2"),
+    (["a1|Hello|bob", "a2|Bye|alice"],
+     "m.txt:1: cannot tell whether the third column is a speaker id or normalized text ('a1|Hello|bob'"),
 ], ids=["mixed", "undecidable"])
 def test_ambiguous_third_column_is_refused(lines, expect, tmp_path):
     with pytest.raises(PrepError, match="add a header line 'id|text|speaker' or 'id|text|normalized'") as e:
@@ -250,7 +251,8 @@ def test_messages_name_the_right_column_path_delimiter_and_ids(ckpts, tmp_path):
     assert any("1 sample id(s) used more than once in m.jsonl: 'same' (lines 1, 4)" in m for m in log)
     # a one-column line of a '|' list is described as such (was: "','-separated")
     entries, _ = read_plain_list(plain(tmp_path, "l.txt", ["a1|Hello there.", "lonely"]), False, None)
-    assert entries[1][:3] == ("err", 2, "invalid") and "expected at least 2 '|'-separated columns" in entries[1][3]
+    assert isinstance(entries[1], BadEntry) and (entries[1].line, entries[1].kind) == (2, "invalid")
+    assert "expected at least 2 '|'-separated columns" in entries[1].reason
     # nothing usable: which manifest, and where the reasons are (was: neither)
     (tmp_path / "bad.jsonl").write_text(broken + "\n")
     with pytest.raises(PrepError) as e:

@@ -26,7 +26,7 @@ from minihiggs.train import checkpointing as ckpt_io
 from minihiggs.train.data import collate_ids, val_batch_count, val_batches
 from minihiggs.train.distributed import DistEnv
 from minihiggs.train.schedule import lr_factor, warmup_steps
-from minihiggs.train.step import evaluate, train_step
+from minihiggs.train.step import evaluate, forward_backward
 from synth import synth_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +53,13 @@ def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
     assert train.main(train_args(shards, tiny_ckpt, resumed, lora_dropout=0.2) + ["--resume", str(mid)]) == 0
     a, b = adapter(straight / "final"), adapter(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_diff(a, b)}"
+    # ... and training did something (identical runs that do nothing would pass the line above): every lora_B
+    # left its zero init, the adapter moved between the checkpoints, and so did the loss
+    assert all(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    six = adapter(mid)
+    assert max_diff(six, a) > 0
+    train_losses = [r["loss"] for r in read_metrics(straight / "metrics.jsonl") if r.get("split") == "train"]
+    assert len(set(train_losses)) == len(train_losses) > 1
     sa = ckpt_io.load_trainer_state(straight / "checkpoints" / "step-00000012")
     sb = ckpt_io.load_trainer_state(resumed / "checkpoints" / "step-00000012")
     for k, v in sa["optimizer"]["state"].items():
@@ -63,7 +70,7 @@ def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
     assert recs[0]["event"] == "resume" and min(r["step"] for r in recs if r.get("split")) > 6
 
 
-def test_outputs_metrics_and_plot(straight):
+def test_outputs_metrics_and_plot(straight, tiny_ckpt):
     recs = read_metrics(straight / "metrics.jsonl")
     train_recs = [r for r in recs if r.get("split") == "train"]
     val_recs = [r for r in recs if r.get("split") == "val"]
@@ -90,8 +97,11 @@ def test_outputs_metrics_and_plot(straight):
         <= {p.name for p in d.iterdir()}
     args = json.loads((d / "train_args.json").read_text())
     assert "--train_manifest" in args["argv"] and args["args"]["lora_dropout"] == 0.2
+    # which weights: the base folder as an absolute path, no Hub commit for a local folder
+    assert args["base_dir"] == str(Path(tiny_ckpt).resolve()) and args["base_revision"] is None
     state = ckpt_io.load_trainer_state(d)
-    assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch", "sampler"} <= state.keys()
+    assert {"optimizer", "scheduler", "rng", "epoch", "batches_in_epoch"} <= state.keys()
+    assert "sampler" not in state  # the data position has one home: epoch + batches_in_epoch
     assert {"python", "numpy", "torch"} <= state["rng"][0].keys()
     assert torch.equal(adapter(d)[next(iter(adapter(d)))], adapter(straight / "final")[next(iter(adapter(d)))])
 
@@ -198,7 +208,7 @@ def test_final_adapter_loads_with_load_adapter_and_reproduces_val_loss(straight,
 
 
 def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
-    """train_step over k micro-batches (global-count normalisation) == one batch of their union: grads."""
+    """forward_backward over k micro-batches (global-count normalisation) == one batch of their union: grads."""
     samples = synth_samples(6, seed=4)
 
     def grads(groups):
@@ -209,7 +219,7 @@ def test_train_step_accumulation_equals_union_batch(tiny_ckpt):
                 if n.endswith("lora_B.weight"):
                     p.copy_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
         model.train()
-        res = train_step(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
+        res = forward_backward(model, [collate(g, model.config) for g in groups], torch.device("cpu"), 1, 8)
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, res
 
     g_union, r_union = grads([samples])
@@ -285,7 +295,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp
     # a failed write is the user's to fix (a full disk): one line naming the checkpoint, exit 2
     assert train.main(train_args(shards, tiny_ckpt, out, max_steps=12, save_steps=4, val_steps=0)) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("train.py: error: ") and "step-00000008: cannot write (disk full (simulated))" in err
+    assert err.startswith("train.py: error: ")
+    assert "step-00000008/trainer_state.pt: cannot write (disk full (simulated))" in err
     monkeypatch.setattr(ckpt_io.torch, "save", real_save)
     assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
@@ -307,8 +318,36 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tiny_ckpt, tmp
 def test_refuses_to_mix_runs_in_one_output_dir(straight, shards, tiny_ckpt, capsys):
     assert train.main(train_args(shards, tiny_ckpt, straight)) == 2
     assert "--resume latest" in capsys.readouterr().err
-    assert train.main(train_args(shards, tiny_ckpt, straight, batch_size=3) + ["--resume", "latest"]) == 2
-    assert "batch_size" in capsys.readouterr().err
+    assert train.main(train_args(shards, tiny_ckpt, straight, batch_size=3, seed=5) + ["--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch_size: checkpoint 2, now 3; --seed: checkpoint 0, now 5 (resume with the checkpoint's" in err
+
+
+def test_shards_flag_takes_prep_output_and_says_so(shards, tiny_ckpt, tmp_path, capsys):
+    """--shards (alias --train_manifest) takes prep.py's --out directory. Was: `--train_manifest data/train.jsonl`
+    failed with '.../train.jsonl/index.json: not found', and an --output_dir inside the shards was accepted (run
+    files mixed into them). Each case is one line, before any model load."""
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"messages": []}\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (manifest, tmp_path / "o1", f"--shards {manifest}: a file, not the directory of shards prep.py writes; for "
+                                    f"a manifest, run prep.py first: python prep.py --manifest {manifest} --out "
+                                    f"{tmp_path / 'shards'} --base_ckpt BASE, then train with --shards "
+                                    f"{tmp_path / 'shards'}"),
+        (empty, tmp_path / "o2", f"--shards {empty}: no index.json, not a directory prep.py wrote (give its --out "
+                                 f"directory; run prep.py first)"),
+        (shards, shards, f"--output_dir {shards}: is the --shards directory"),
+        (shards, shards / "run", f"--output_dir {shards / 'run'}: is inside the --shards directory"),
+    ]
+    for data, out, expect in cases:
+        assert train.main(train_args(data, tiny_ckpt, out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train.py: error: ") and expect in err and err.count("\n") == 1, err
+    assert not (shards / "run").exists() and not (shards / "metrics.jsonl").exists()
+    argv = train_args(shards, tiny_ckpt, tmp_path / "o5", max_steps=1, val_steps=0, save_steps=0)
+    assert train.main(["--shards" if a == "--train_manifest" else a for a in argv]) == 0
 
 
 def test_bad_inputs_are_one_clear_line_not_a_traceback(shards, tiny_ckpt, tmp_path, capsys):
@@ -317,7 +356,7 @@ def test_bad_inputs_are_one_clear_line_not_a_traceback(shards, tiny_ckpt, tmp_pa
     broken.mkdir()
     (broken / "config.json").write_text((Path(tiny_ckpt) / "config.json").read_text())  # no weights
     cases = [
-        (train_args(tmp_path / "no_shards", tiny_ckpt, tmp_path / "o1"), "no_shards/index.json: not found"),
+        (train_args(tmp_path / "no_shards", tiny_ckpt, tmp_path / "o1"), "no_shards: no such directory"),
         (train_args(shards, broken, tmp_path / "o2"), str(broken)),
         (train_args(shards, tiny_ckpt, tmp_path / "o3") + ["--resume", str(tmp_path)], "--resume"),
     ]
@@ -365,7 +404,8 @@ def test_lr_schedules():
     assert all(cos(s) >= cos(s + 1) for s in range(4, 20))
 
 
-def test_resume_from_an_earlier_checkpoint_with_a_new_lr_and_max_steps(straight, shards, tiny_ckpt, tmp_path):
+def test_resume_from_an_earlier_checkpoint_with_a_new_lr_and_max_steps(straight, shards, tiny_ckpt, tmp_path,
+                                                                        capsys):
     """Resume step 6 of a 12-step run with another --lr and --max_steps into the same output dir (allowed: see
     check_resume_compatible). The LR is the *new* base times the *new* schedule from the first resumed update on
     (LambdaLR.load_state_dict alone kept the old base LR forever and the old shape for one step), and the
@@ -378,7 +418,13 @@ def test_resume_from_an_earlier_checkpoint_with_a_new_lr_and_max_steps(straight,
     assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [6, 12]
     argv = train_args(shards, tiny_ckpt, out, lora_dropout=0.2, lr=5e-4, max_steps=8, log_steps=1, save_steps=0,
                       val_steps=0, keep_checkpoints=1)
+    capsys.readouterr()
     assert train.main(argv + ["--resume", str(out / "checkpoints" / "step-00000006")]) == 0
+    # the changes are said (was: taken silently), each as --flag OLD -> NEW
+    (said,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("settings changed since")]
+    for change in ("--max_steps 12 -> 8", "--lr 0.001 -> 0.0005", "--keep_checkpoints 3 -> 1", "--val_steps 3 -> 0"):
+        assert change in said, said
+    assert "--shards" not in said and "--output_dir" not in said and "--resume" not in said
     f = lr_factor("cosine", 2, 8)
     recs = read_metrics(out / "metrics.jsonl")
     lrs = {r["step"]: r["lr"] for r in recs if r.get("split") == "train" and r["step"] > 6}

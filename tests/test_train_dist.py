@@ -69,7 +69,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
     import faulthandler
 
     from minihiggs.train.distributed import cleanup, init_distributed, wrap_model
-    from minihiggs.train.step import train_step
+    from minihiggs.train.step import forward_backward
     from minihiggs.wrappers import full_tensor
 
     faulthandler.dump_traceback_later(120, exit=True)  # a stalled probe shows where, then fails
@@ -84,7 +84,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
         assert local, "the tower should carry LoRA"
     else:
         assert (b.target_counts()[0] == 0) == (env.rank == 0)
-    res = train_step(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
+    res = forward_backward(wrapped, [b, collate([t], model.config)], env.device, env.world_size, 8)
 
     def grads() -> dict[str, torch.Tensor]:  # (FSDP2: every rank joins each gather, in the same order)
         return {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()
@@ -92,7 +92,7 @@ def probe(ckpt: str, out: str, fsdp: bool) -> None:
 
     first = grads()
     wrapped.zero_grad(set_to_none=True)
-    train_step(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
+    forward_backward(wrapped, [collate([t], model.config)] * 2, env.device, env.world_size, 8)
     second = grads()
     if env.rank == 0:
         torch.save({"grads": first, "grads_text_only": second, "loss_vec": res.sums.as_vector()}, out)
@@ -134,7 +134,7 @@ if __name__ != "__main__":
     from minihiggs.train import checkpointing as ckpt_io
     from minihiggs.model.tiny import write_tiny_checkpoint
     from minihiggs.metrics.jsonl import read_metrics
-    from minihiggs.train.step import train_step
+    from minihiggs.train.step import forward_backward
 
     pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,12 +181,24 @@ if __name__ != "__main__":
         r = torchrun(["train.py", *train_args(shards, tiny_ckpt, out, grad_accum=2, **DIST), "--fsdp"])
         assert "FSDP2" in r.stdout
         compare(one_process, out)
-        # resume a sharded run from its mid checkpoint (optimizer state gathered / re-sharded): bitwise
-        again = tmp_path / "fsdp_resumed"
-        torchrun(["train.py", *train_args(shards, tiny_ckpt, again, grad_accum=2, **DIST), "--fsdp",
-                  "--resume", str(out / "checkpoints" / "step-00000002")])
-        a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (out, again))
+
+    @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+    def test_resume_with_dropout_is_bitwise(mode, shards, tiny_ckpt, tmp_path):  # noqa: F811
+        """2 ranks, dropout on (each rank its own dropout stream, saved per rank): 4 steps straight == 2 steps +
+        resume + 2 steps, bitwise; under FSDP2 the optimizer state is gathered at the save and re-sharded at the
+        resume. (Dropout makes the comparison with one process above impossible, so it is checked here.)"""
+        flags = ["--fsdp"] if mode == "fsdp" else []
+        args = dict(grad_accum=2, lora_dropout=0.2, **DIST)
+        out, again = tmp_path / "straight", tmp_path / "resumed"
+        torchrun(["train.py", *train_args(shards, tiny_ckpt, out, **args), *flags])
+        mid = out / "checkpoints" / "step-00000002"
+        torchrun(["train.py", *train_args(shards, tiny_ckpt, again, **args), *flags, "--resume", str(mid)])
+        a, b, m = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "final", again / "final", mid))
         assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(not torch.equal(a[k], m[k]) for k in a if "lora_B" in k)  # the last 2 steps moved every lora_B
+        # the RNG states of both ranks were saved and differ (else dropout would be the same on both ranks)
+        rngs = ckpt_io.load_trainer_state(mid)["rng"]
+        assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
     @pytest.mark.parametrize("tower,fsdp", [(False, False), (True, False), (True, True)],
                              ids=["no_text_no_audio_in", "whisper_tower_unused", "whisper_tower_unused_fsdp"])
@@ -204,7 +216,7 @@ if __name__ != "__main__":
         model = lopsided_model(str(ckpt))
         a, t = lopsided_samples(tower)
         cfg = model.config
-        res = train_step(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
+        res = forward_backward(model, [collate([a], cfg), collate([t], cfg), collate([t], cfg), collate([t], cfg)],
                                torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads"].keys() == ref.keys()
@@ -215,7 +227,7 @@ if __name__ != "__main__":
             assert float((got["grads"][n] - ref[n]).abs().max()) <= 1e-5 * scale + 1e-12, n
         assert res.sums.text_count == collate([a], cfg).target_counts()[0] + 3 * collate([t], cfg).target_counts()[0]
         model.zero_grad(set_to_none=True)
-        train_step(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
+        forward_backward(model, [collate([t], cfg)] * 4, torch.device("cpu"), 1, 8)
         ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         assert got["grads_text_only"].keys() == ref.keys()
         assert not any(n.startswith("audio_tower.") for n in ref)

@@ -32,6 +32,64 @@ def inject(what: str) -> None:
     from minihiggs.train import recipe
     from minihiggs.train.signals import GRACE_S
 
+    if what == "full_disk":  # the disk fills up 64 bytes into the second checkpoint's trainer_state.pt
+        import builtins
+        import errno
+        import io
+
+        real_open, opened = builtins.open, []
+
+        class FullDisk(io.RawIOBase):
+            def __init__(self, f):
+                self.f, self.n = f, 0
+
+            def writable(self):
+                return True
+
+            def write(self, b):
+                if self.n + len(b) > 64:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.n += len(b)
+                return self.f.write(b)
+
+            def close(self):
+                self.f.close()
+                super().close()
+
+        def open_(file, mode="r", *a, **k):
+            f = real_open(file, mode, *a, **k)
+            if str(file).endswith("trainer_state.pt") and "w" in mode:
+                opened.append(file)
+                return FullDisk(f) if len(opened) == 2 else f
+            return f
+
+        builtins.open = open_
+        return
+    if what.startswith("samples_"):  # samples_SIGTERM_2: that signal at the start of the 2nd sample generation
+        from minihiggs.generate.engine import Engine
+
+        _, sig, nth = what.split("_")
+        real_generate, calls = Engine.generate, []
+
+        def generate(self, *a, **k):
+            calls.append(1)
+            if len(calls) == int(nth):
+                os.kill(os.getpid(), getattr(signal, sig))
+                time.sleep(0.5)  # (the handler runs here)
+            return real_generate(self, *a, **k)
+
+        Engine.generate = generate
+        return
+    if what == "slow_save":  # each checkpoint takes 3 s more: a signal surely arrives while it is written
+        real_save = recipe.ckpt_io.save_checkpoint
+
+        def save_checkpoint(*a, **k):
+            print("writing a checkpoint", flush=True)
+            time.sleep(3.0)
+            return real_save(*a, **k)
+
+        recipe.ckpt_io.save_checkpoint = save_checkpoint
+        what = "slow_steps"
     if what == "setup":
         real_load = recipe.load_model
 
@@ -133,10 +191,17 @@ next(batches)
 raise RuntimeError("a crash with the pass still open")
 """
 
-    def test_loader_workers_ignore_outside_signals_and_never_hang_an_exit(shards, tiny_ckpt):
+    @pytest.mark.parametrize("private", ["with", "without"])
+    def test_loader_workers_ignore_outside_signals_and_never_hang_an_exit(private, shards, tiny_ckpt, monkeypatch):
         """A worker ignores SIGTERM / SIGINT from outside (a scheduler or Ctrl-C signalling the process group),
         so the main process stops it: on close, and at exit for a pass left open (was: Python's exit-time
-        terminate() was ignored too, and its join() waited forever)."""
+        terminate() was ignored too, and its join() waited forever). `without`: a torch without the private
+        `_shutdown_workers` (the orderly shutdown): close still stops the worker."""
+        if private == "without":
+            from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+            monkeypatch.delattr(_MultiProcessingDataLoaderIter, "_shutdown_workers")
+            monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__del__", lambda self: None)  # (it calls it)
         from minihiggs.config import HiggsConfig
         from minihiggs.data.dataset import BucketBatchSampler
         from minihiggs.train.data import LoaderBatches, train_loader
@@ -147,7 +212,7 @@ raise RuntimeError("a crash with the pass still open")
         batches = LoaderBatches(loader)
         try:
             next(batches)
-            (worker,) = batches._it._workers
+            (worker,) = batches.workers
             for sig in ("TERM", "INT"):  # from another process, as a scheduler's or a terminal's would be
                 subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
             time.sleep(0.3)
@@ -156,6 +221,8 @@ raise RuntimeError("a crash with the pass still open")
         finally:
             batches.close()
         assert not worker.is_alive()
+        if private == "without":
+            return
         try:
             r = subprocess.run([sys.executable, "-c", LEFT_OPEN, str(REPO), str(REPO / "tests"), str(shards),
                                 str(Path(tiny_ckpt) / "config.json")], capture_output=True, text=True, timeout=60)
@@ -309,6 +376,59 @@ except Interrupted as e:
         assert f"stopped by SIGTERM at step {step}; continue with --resume latest" in stdout
         assert read_metrics(metrics)[-1]["event"] == "interrupted"
         assert ckpt_io.load_trainer_state(ckpts[0][1])["world_size"] == 2
+
+    @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank pids through /proc (Linux)")
+    def test_torchrun_copy_during_the_checkpoint_meets_the_stop_handler(shards, tiny_ckpt, tmp_path):
+        """The scheduler's SIGTERM reaches the ranks; torchrun's forwarded copy comes later, while the ranks write
+        their checkpoint (3 s each here), and a third copy reaches them after it, as they exit. Every copy must
+        meet the stop handler: one checkpoint, and no rank killed by a default handler."""
+        out = tmp_path / "run"
+        args = train_args(shards, tiny_ckpt, out, max_steps=100000, save_steps=0, val_steps=0, log_steps=1,
+                          grad_accum=1)
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(Path(__file__).resolve()), "--inject", "slow_save", "--", *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        try:
+            metrics = out / "metrics.jsonl"
+            deadline = time.time() + TIMEOUT
+            while time.time() < deadline and p.poll() is None:
+                if metrics.is_file() and sum(r.get("split") == "train" for r in read_metrics(metrics)) >= 2:
+                    break
+                time.sleep(0.1)
+            ranks = rank_pids(p.pid)
+            assert len(ranks) == 2 and p.poll() is None
+            for pid in ranks:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(2.0)  # the step (0.5 s) is done; the checkpoint (3 s) is being written
+            os.kill(p.pid, signal.SIGTERM)  # torchrun forwards its copy to every rank
+            stdout, stderr = p.communicate(timeout=TIMEOUT)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        assert "exitcode  : -15" not in stderr and "Signal 15" not in stderr, stderr[-3000:]
+        assert stderr.count("SIGTERM received again: already stopping") == 2, stderr[-3000:]
+        ckpts = ckpt_io.list_checkpoints(out)
+        assert len(ckpts) == 1, stdout[-2000:] + stderr[-3000:]
+        assert f"stopped by SIGTERM at step {ckpts[0][0]}; continue with --resume latest" in stdout
+
+    def test_full_disk_while_writing_trainer_state_is_one_line(shards, tiny_ckpt, tmp_path):
+        """The disk fills up inside torch.save of trainer_state.pt (simulated: its writes fail with ENOSPC after 64
+        bytes, as a full disk's do). Was: a 55-line traceback ending in torch's 'RuntimeError: [enforce fail at
+        inline_container.cc] unexpected pos', exit 1. Now one line naming the file, the last good checkpoint
+        intact, nothing half-written left, and the run resumes from it."""
+        out = tmp_path / "run"
+        opts = dict(max_steps=4, save_steps=2, val_steps=0)
+        r = run_injected("full_disk", train_args(shards, tiny_ckpt, out, **opts))
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert one_error_line(r.stderr) == (
+            f"train.py: error: {out / 'checkpoints' / 'step-00000004' / 'trainer_state.pt'}: cannot write (No space "
+            f"left on device) (free disk space or fix the directory, then continue with --resume latest)")
+        assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [2]
+        assert not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
+        assert ckpt_io.load_trainer_state(ckpt_io.latest_checkpoint(out))["step"] == 2
+        assert train.main(train_args(shards, tiny_ckpt, out, **opts) + ["--resume", "latest"]) == 0
+        assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [2, 4]
 
     # -------------------------------------------------------------------------- bad inputs: one line, up front
 
@@ -525,8 +645,9 @@ if __name__ == "__main__" and "--inject" in sys.argv:
     i = sys.argv.index("--inject")
     inject(sys.argv[i + 1])
     import train as train_cmd
+    from minihiggs.train.signals import StopRequest
 
-    code = train_cmd.main(sys.argv[sys.argv.index("--") + 1:])
+    code = train_cmd.main(sys.argv[sys.argv.index("--") + 1:], stop=StopRequest().install())  # (as train.py)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # as train.py does under torchrun (skips a flaky gloo teardown)
         sys.stdout.flush()
         sys.stderr.flush()

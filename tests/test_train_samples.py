@@ -131,3 +131,29 @@ def test_validation_reports_teacher_forced_accuracy_per_codebook(runs, ckpt):
     assert LossSums.from_vector(sums.as_vector()[:18]).audio_correct is None  # the 2 + 2K prefix is unchanged
     rep = (sums + sums).report()
     assert rep["audio_acc_per_codebook"] == pytest.approx((want / t.ne(-100).sum(0)).tolist())
+
+
+@pytest.mark.parametrize("sig,nth,opts,step", [
+    ("SIGTERM", 2, dict(max_steps=12, val_steps=3), 3),  # during the samples of the step-3 validation
+    ("SIGINT", 2, dict(max_steps=12, val_steps=3), 3),  # Ctrl-C there: the same (was: one more step, then saved)
+    ("SIGTERM", 1, dict(max_steps=4, val_steps=0), 4),  # during the samples of the end-of-run validation
+])
+def test_stop_during_samples_saves_first(sig, nth, opts, step, shards, ckpt, codec, tmp_path):
+    """A stop request while samples are generated abandons them: the checkpoint of that step comes at once (was:
+    the samples ran to the end, 20+ s on CPU, before anything was written, then one more step). The samples of
+    that step are not written; the resumed run ends as a straight one."""
+    from test_train_faults import run_injected
+
+    from minihiggs.train import checkpointing as ckpt_io
+
+    out = tmp_path / "run"
+    # (--sample_max_frames 400: long enough that a sample not abandoned would be seen to run on)
+    args = train_args(shards, ckpt, out, save_steps=0, log_steps=1, sample_codec=str(codec),
+                      sample_max_frames=400, **opts)
+    r = run_injected(f"samples_{sig}_{nth}", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"step {step}: samples abandoned ({sig}: the checkpoint comes first)" in r.stdout
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [step]
+    assert not (out / "samples" / f"step-{step:08d}").exists() and not (out / "final").exists()
+    events = [e.get("event") for e in read_metrics(out / "metrics.jsonl") if e.get("event")]
+    assert events[-3:] == ["samples_abandoned", "checkpoint", "interrupted"]

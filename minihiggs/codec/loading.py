@@ -1,4 +1,6 @@
-"""Tokenizer config, checkpoint reading and the strict checkpoint -> model key mapping.
+"""Tokenizer config, checkpoint reading and the strict checkpoint -> model key mapping, for both layouts
+(layouts.py): the legacy `model.pth` (or a safetensors file with its keys) with weight-norm pairs, and the
+transformers `model.safetensors` with renamed modules and folded weights. config.json's `model_type` says which.
 
 The reference loads `model.pth` with `load_state_dict(strict=False)`, which silently ignores any name
 mismatch (a renamed key leaves a layer at its random init and nothing complains). Here every one of the
@@ -8,6 +10,7 @@ anything else, and any missing or mis-shaped tensor, is an error that lists the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,11 +20,12 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import layouts
 from ..constants import DEFAULT_CODEC_REPO as DEFAULT_REPO  # noqa: F401  (re-exported by minihiggs.codec)
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..hub import HubMissError, resolve_dir
 
-HUB_FILES = ["config.json", "model.pth"]
+HUB_FILES = ["config.json", "model.safetensors", "model.pth"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class CodecConfig:
     semantic_dim: int = 768
     acoustic_channels: int = 64  # DAC encoder width, fixed in the reference (`dac2.Encoder(64, ...)`)
     decoder_channels: int = 1024  # DAC decoder width, fixed in the reference (`dac2.Decoder(D, 1024, ...)`)
+    layout: str = layouts.LEGACY  # the layout of the files it was read from (names and weight norm)
 
     @property
     def hop_length(self) -> int:
@@ -75,7 +80,8 @@ class CodecConfig:
         if not isinstance(d.get("bins", 1024), int):
             raise CheckpointError(f"tokenizer config.json: bins={d['bins']!r} selects FSQ, which is not supported")
         if not isinstance(d.get("codebook_dim"), int):
-            raise CheckpointError("tokenizer config.json: codebook_dim must be set (an RVQ without projections is not supported)")
+            raise CheckpointError("tokenizer config.json: codebook_dim must be set (an RVQ without projections is not "
+                                  "supported)")
         cfg = CodecConfig(
             sample_rate=int(d.get("sample_rate", 16000)),
             ratios=tuple(int(r) for r in d.get("ratios", (8, 5, 4, 2))),
@@ -85,7 +91,8 @@ class CodecConfig:
             codebook_dim=int(d["codebook_dim"]),
             semantic_sample_rate=int(d.get("semantic_sample_rate") or 16000),
         )
-        if cfg.semantic_downsample < 1 or cfg.hop_length * cfg.semantic_sample_rate != cfg.semantic_downsample * 320 * cfg.sample_rate:
+        if cfg.semantic_downsample < 1 or \
+                cfg.hop_length * cfg.semantic_sample_rate != cfg.semantic_downsample * 320 * cfg.sample_rate:
             raise CheckpointError(
                 f"tokenizer config.json: hop {cfg.hop_length} at {cfg.sample_rate} Hz is not a whole number of "
                 f"HuBERT frames at {cfg.semantic_sample_rate} Hz"
@@ -94,8 +101,24 @@ class CodecConfig:
 
     @staticmethod
     def from_file(path: str | os.PathLike) -> "CodecConfig":
-        with open(path) as f:
-            return CodecConfig.from_dict(json.load(f))
+        """A tokenizer config.json of either layout; a generation model's config.json is refused in one line."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        if layouts.is_model_config(d):
+            raise CheckpointError(f"{Path(path).parent}: this is a model checkpoint, not the audio tokenizer (pass the "
+                                  f"tokenizer's directory or Hub id, e.g. {DEFAULT_REPO}, as the codec)")
+        if layouts.codec_layout(d) == layouts.LEGACY:
+            return CodecConfig.from_dict(d)
+        try:
+            legacy = layouts.codec_config_to_legacy(d)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return dataclasses.replace(CodecConfig.from_dict(legacy), layout=layouts.TRANSFORMERS)
 
 
 # --- checkpoint files -------------------------------------------------------------------------------------
@@ -125,19 +148,24 @@ def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path]:
         root, weights = p.parent, p
     else:
         root = resolve_dir(path_or_repo_id, what="audio tokenizer", allow_patterns=HUB_FILES)
-        found = [root / n for n in ("model.safetensors", "model.pth") if (root / n).is_file()]
-        if not found:
-            raise HubMissError(f"{root}: no model.safetensors or model.pth in the tokenizer directory")
-        weights = found[0]
+        weights = None
     config = root / "config.json"
     if not config.is_file():
         raise HubMissError(f"{root}: config.json missing next to the tokenizer weights")
+    if weights is None:
+        found = [root / n for n in ("model.safetensors", "model.pth") if (root / n).is_file()]
+        if not found:
+            CodecConfig.from_file(config)  # a (sharded) model checkpoint is named as such first
+            raise HubMissError(f"{root}: no model.safetensors (transformers layout) or model.pth (legacy) in the "
+                               f"tokenizer directory")
+        weights = found[0]
     return config, weights
 
 
 # --- key mapping ---------------------------------------------------------------------------------------------
 
-# Convs under these prefixes are stored as torch.nn.utils.weight_norm pairs (weight_g [out,1,1], weight_v), norm over dim 0.
+# Convs under these prefixes are stored as torch.nn.utils.weight_norm pairs (weight_g [out,1,1], weight_v), norm over
+# dim 0.
 WEIGHT_NORM_PREFIXES = ("encoder.", "decoder_2.")
 # HuBERT's positional conv uses the parametrization API (original0 = g [1,1,k], original1 = v), norm over dim 2.
 POS_CONV = "semantic_model.encoder.pos_conv_embed.conv."
@@ -151,7 +179,6 @@ def unused_tensors(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
     """
     d, q = cfg.semantic_dim, cfg.quantizer_dim
     out: dict[str, tuple[int, ...]] = {
-        "semantic_model.masked_spec_embed": (d,),
         "fc_post1.weight": (d, q),
         "fc_post1.bias": (d,),
         "decoder_semantic.conv1.conv.weight": (d, d, 3),
@@ -169,12 +196,15 @@ def unused_tensors(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
         out[p + "inited"] = (1,)
         out[p + "cluster_size"] = (cfg.bins,)
         out[p + "embed_avg"] = (cfg.bins, cfg.codebook_dim)
+    if cfg.layout == layouts.LEGACY:  # (transformers does not save it)
+        out["semantic_model.masked_spec_embed"] = (d,)
     return out
 
 
-def _sources(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensors (name -> shape) that produce model tensor `name` of `shape`."""
-    if name.startswith(WEIGHT_NORM_PREFIXES) and name.endswith(".weight"):
+def _sources(name: str, shape: tuple[int, ...], cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors (minihiggs name -> shape) that produce model tensor `name` of `shape`. The transformers
+    layout stores the DAC convs folded (one `weight`), HuBERT's positional conv as the same parametrization pair."""
+    if name.startswith(WEIGHT_NORM_PREFIXES) and name.endswith(".weight") and cfg.layout == layouts.LEGACY:
         base = name[: -len("weight")]
         return {base + "weight_g": (shape[0], 1, 1), base + "weight_v": shape}
     if name == POS_CONV + "weight":
@@ -187,7 +217,7 @@ def expected_tensors(model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConf
     """Every checkpoint key (-> shape) this architecture reads or deliberately drops."""
     want: dict[str, tuple[int, ...]] = {}
     for name, shape in model_shapes.items():
-        want.update(_sources(name, tuple(shape)))
+        want.update(_sources(name, tuple(shape), cfg))
     want.update(unused_tensors(cfg))
     return want
 
@@ -214,6 +244,13 @@ ENCODER_SIDE_PREFIXES = ("encoder.", "semantic_model.", "encoder_semantic.", "fc
                          "decoder_semantic.")
 
 
+def file_keys(names, cfg: CodecConfig) -> dict[str, str]:
+    """minihiggs checkpoint name -> the key it has in the files of `cfg.layout`."""
+    if cfg.layout == layouts.LEGACY:
+        return {n: n for n in names}
+    return {n: layouts.codec_key_to_transformers(n, len(cfg.ratios)) for n in names}
+
+
 def convert_checkpoint(
     ckpt: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]], cfg: CodecConfig,
     decode_only: bool = False,
@@ -226,23 +263,24 @@ def convert_checkpoint(
     """
     expected = expected_tensors(model_shapes, cfg)
     if decode_only:
-        ckpt = {k: v for k, v in ckpt.items() if not k.startswith(ENCODER_SIDE_PREFIXES)}
+        encoder_side = tuple(layouts.codec_prefix(p, cfg.layout) for p in ENCODER_SIDE_PREFIXES)
+        ckpt = {k: v for k, v in ckpt.items() if not k.startswith(encoder_side)}
         expected = {k: v for k, v in expected.items() if not k.startswith(ENCODER_SIDE_PREFIXES)}
-    check_keys({k: tuple(v.shape) for k, v in ckpt.items()}, expected)
+    names = file_keys(expected, cfg)  # checked under the file's own names, so a report names what the file holds
+    check_keys({k: tuple(v.shape) for k, v in ckpt.items()}, {names[k]: s for k, s in expected.items()})
+    ckpt = {k: ckpt[names[k]] for k in expected}
     for i in range(cfg.n_q):
         inited = ckpt[f"quantizer.vq.layers.{i}._codebook.inited"]
         if not inited.is_meta and not bool(inited.item()):
             # The reference would run k-means on the first batch it sees and use the result as the codebook.
-            raise CheckpointError(f"quantizer.vq.layers.{i}: codebook was never initialised (inited=0); not a trained checkpoint")
+            raise CheckpointError(f"quantizer.vq.layers.{i}: codebook was never initialised (inited=0); not a trained "
+                                  "checkpoint")
     out: dict[str, torch.Tensor] = {}
     for name, shape in model_shapes.items():
-        src = _sources(name, tuple(shape))
+        src = _sources(name, tuple(shape), cfg)
         if len(src) == 1:
             out[name] = ckpt[name]
             continue
         g, v = (ckpt[k] for k in src)
-        # torch._weight_norm is the exact kernel both weight-norm APIs call on every forward in the reference
-        # (v * g / ||v||, norm over every dim except `dim`), so the folded weight is bit-identical to theirs.
-        dim = 2 if name.startswith(POS_CONV) else 0
-        out[name] = torch._weight_norm(v.float(), g.float(), dim)
+        out[name] = layouts.fold_weight_norm(g, v, dim=2 if name.startswith(POS_CONV) else 0)
     return out

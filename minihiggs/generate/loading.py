@@ -19,7 +19,14 @@ import torch
 
 from ..errors import AdapterError, CheckpointError, UserError
 from ..hub import is_repo_id
-from ..lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config, resolve_adapter_dir
+from ..lora.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    read_adapter_config,
+    recorded_base,
+    resolve_adapter_dir,
+)
 from ..lora.apply import merge_lora
 from ..model.checkpoint import load_model, resolve_checkpoint
 from ..model.higgs import HiggsAudioModel
@@ -57,7 +64,7 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
     if adapter:
         adir = adapter_dir(adapter)
         acfg = read_adapter_config(adir)  # (its errors name the file already)
-        recorded = acfg.get("base_model_name_or_path") or None
+        recorded = recorded_base(acfg)  # (pinned to the recorded revision when it is a Hub repo id)
         if base_ckpt is None:
             if recorded is None:
                 raise AdapterError(f"{adir / ADAPTER_CONFIG} records no base_model_name_or_path; pass --base_ckpt")
@@ -70,7 +77,7 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
         return model
     log(f"adapter: {adir.resolve()}")
     try:
-        load_adapter(model, adir)
+        load_adapter(model, adir, log=log)
     except UserError:
         raise  # (its message says what is wrong: e.g. an adapter already merged into this checkpoint)
     except (KeyError, ValueError) as e:  # names or shapes that do not fit this base

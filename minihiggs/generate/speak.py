@@ -74,6 +74,7 @@ class Item:
     ref_sample: str | None = None
     scene: str | None = DEFAULT_SCENE
     seed: int | None = None
+    extra: dict = field(default_factory=dict)  # the caller's `extra_fields` found on the line
     from_flags: bool = False  # the request of --text (errors name the flag), not a prompts file line
 
     def at(self, key: str) -> str:
@@ -81,7 +82,9 @@ class Item:
         return f"--{key}" if self.from_flags else self.where
 
 
-def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> list[Item]:
+def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None,
+                 extra_fields: frozenset[str] = frozenset()) -> list[Item]:
+    """Items of a prompts file; `extra_fields` are further keys a caller accepts (kept as given in Item.extra)."""
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"{path}: prompts file not found")
@@ -98,10 +101,10 @@ def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> l
             raise GenerateError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise GenerateError(f"{where}: expected a JSON object")
-        extra = sorted(set(obj) - ITEM_FIELDS)
+        extra = sorted(set(obj) - ITEM_FIELDS - extra_fields)
         if extra:
             raise GenerateError(f"{where}: unknown field(s) {', '.join(map(repr, extra))} "
-                                f"(known: {', '.join(sorted(ITEM_FIELDS))})")
+                                f"(known: {', '.join(sorted(ITEM_FIELDS | extra_fields))})")
         if not isinstance(obj.get("text"), str):
             raise GenerateError(f"{where}: 'text' (a string) is required")
         name = str(obj.get("name", f"{n:04d}"))
@@ -120,7 +123,8 @@ def read_prompts(path: str | os.PathLike, out_dir: Path, scene: str | None) -> l
 
         items.append(Item(text=obj["text"], out=out_dir / f"{name}.wav", where=where, name=name,
                           ref_audio=rel("ref_audio"), ref_codes=rel("ref_codes"), ref_text=obj.get("ref_text"),
-                          ref_sample=obj.get("ref_sample"), scene=obj.get("scene", scene), seed=seed))
+                          ref_sample=obj.get("ref_sample"), scene=obj.get("scene", scene), seed=seed,
+                          extra={k: obj[k] for k in extra_fields if k in obj}))
     if not items:
         raise GenerateError(f"{path}: no prompts in the file")
     return items

@@ -9,6 +9,14 @@ A directory holding
 `PeftModel.from_pretrained(<upstream HiggsAudioModel>, dir)` loads what `save_adapter` writes, and
 `load_adapter` loads what PEFT writes. `target_modules` follows PEFT's rules: a list of names matches a module
 whose path equals an entry or ends with "." + entry; a string is a full-match regex over module paths.
+
+Module paths follow the base's layout (layouts.py): an adapter trained on a transformers-layout base is saved with
+that model's paths (`base_model.model.model.layers.N.self_attn.q_proj...`), so PEFT on
+`HiggsAudioV2ForConditionalGeneration` loads every tensor; `load_adapter` reads either naming onto either layout,
+and refuses an adapter none of whose modules exists in the model (PEFT would load it as a silent no-op).
+
+A merged checkpoint (`python -m minihiggs.export`) lists what was merged into it in `merged_adapters.json`:
+loading one of those adapters onto it again is refused (it would apply twice); another adapter gets a note.
 """
 
 from __future__ import annotations
@@ -23,28 +31,35 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save
 
+from .. import layouts
 from ..errors import AdapterError, UnsupportedAdapterError
-from ..fsio import atomic_dir
-from ..hub import resolve_dir
+from ..fsio import atomic_dir, file_sha256
+from ..hub import is_repo_id, resolve_dir, split_revision
 from ..wrappers import unwrap
 from .apply import (
+    PEFT_PREFIX,
     LoRAConfig,
-    LoRAReport,
     LoRALinear,
+    LoRAReport,
     apply_lora,
     load_lora_state_dict,
     lora_modules,
     lora_state_dict,
+    normalize_peft_key,
     peft_matcher,
 )
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-# The upstream class PEFT records for a HiggsAudioModel base (mirrors the PEFT-written golden config).
+MERGED_RECORD = "merged_adapters.json"  # in a merged checkpoint: what export merged into it
+
+# The class PEFT records for the base, per layout (the legacy one mirrors the PEFT-written golden config).
 AUTO_MAPPING = {
-    "base_model_class": "HiggsAudioModel",
-    "parent_library": "boson_multimodal.model.higgs_audio.modeling_higgs_audio",
+    layouts.LEGACY: {"base_model_class": "HiggsAudioModel",
+                     "parent_library": "boson_multimodal.model.higgs_audio.modeling_higgs_audio"},
+    layouts.TRANSFORMERS: {"base_model_class": layouts.MODEL_CLASS,
+                           "parent_library": "transformers.models.higgs_audio_v2.modeling_higgs_audio_v2"},
 }
 
 
@@ -58,13 +73,15 @@ def _num(x: float) -> float | int:
 
 
 def adapter_config_dict(r: int, alpha: float, dropout: float, target_modules: list[str] | str,
-                        base_model_name_or_path: str = "", use_rslora: bool = False) -> dict:
-    """PEFT 0.13 LoraConfig as `save_pretrained` writes it (every field of the PEFT-written golden config)."""
+                        base_model_name_or_path: str = "", use_rslora: bool = False, revision: str | None = None,
+                        layout: str = layouts.LEGACY) -> dict:
+    """PEFT 0.13 LoraConfig as `save_pretrained` writes it (every field of the PEFT-written golden config).
+    `revision`: the base's Hub commit (None for a local base)."""
     if isinstance(target_modules, (list, tuple, set)):
         target_modules = sorted(target_modules)
     return {
         "alpha_pattern": {},
-        "auto_mapping": dict(AUTO_MAPPING),
+        "auto_mapping": dict(AUTO_MAPPING[layout]),
         "base_model_name_or_path": str(base_model_name_or_path or ""),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -82,7 +99,7 @@ def adapter_config_dict(r: int, alpha: float, dropout: float, target_modules: li
         "peft_type": "LORA",
         "r": int(r),
         "rank_pattern": {},
-        "revision": None,
+        "revision": revision,
         "target_modules": target_modules,
         "task_type": None,
         "use_dora": False,
@@ -138,9 +155,78 @@ def adapter_scaling(cfg: dict) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
-def resolve_adapter_dir(adapter: str | os.PathLike) -> Path:
-    """A local directory, or a Hugging Face repo id ("owner/name", downloaded with huggingface_hub)."""
-    return resolve_dir(adapter, what="adapter", allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"])
+def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory, or a Hugging Face repo id ("owner/name[@revision]", downloaded with huggingface_hub)."""
+    return resolve_dir(adapter, what="adapter", allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"],
+                       revision=revision)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# naming (legacy or transformers module paths) and merged checkpoints
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    """A PEFT file key -> (module path, 'lora_A' | 'lora_B' | other suffix)."""
+    body = normalize_peft_key(key)[len(PEFT_PREFIX):]
+    m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", body)
+    return (m.group(1), m.group(2)) if m else (body, "")
+
+
+def to_internal_naming(sd: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Adapter tensors keyed in either naming -> keyed by minihiggs (legacy) paths, plus the naming they had."""
+    paths = {_module_of(k)[0] for k in sd}
+    naming = layouts.naming_of_paths(paths)
+    if naming is None:
+        raise AdapterError(f"{where}: mixes legacy and transformers module paths (e.g. {sorted(paths)[:2]})")
+    if naming == layouts.LEGACY:
+        return {normalize_peft_key(k): v for k, v in sd.items()}, naming
+    out = {}
+    for k, v in sd.items():
+        path, kind = _module_of(k)
+        out[f"{PEFT_PREFIX}{layouts.model_key_to_legacy(path)}.{kind}.weight" if kind else normalize_peft_key(k)] = v
+    return out, naming
+
+
+def recorded_base(cfg: dict) -> str | None:
+    """The base an adapter_config.json records, pinned to its `revision` when it is a Hub repo id."""
+    name, rev = cfg.get("base_model_name_or_path") or None, cfg.get("revision")
+    return f"{name}@{rev}" if name and rev and is_repo_id(name) else name
+
+
+def adapter_record(adapter_dir: Path, cfg: dict) -> dict:
+    """How a merged checkpoint names an adapter it holds (merged_adapters.json)."""
+    return {"adapter": str(adapter_dir), "sha256": file_sha256(adapter_dir / ADAPTER_WEIGHTS), "r": cfg["r"],
+            "lora_alpha": cfg["lora_alpha"], "scaling": adapter_scaling(cfg), "revision": cfg.get("revision")}
+
+
+def merged_adapters(checkpoint_dir: str | os.PathLike | None) -> list[dict]:
+    """What `python -m minihiggs.export` merged into a checkpoint (empty for a base checkpoint)."""
+    path = Path(checkpoint_dir or "") / MERGED_RECORD
+    if not checkpoint_dir or not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8"))["merged"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterError(f"{path}: unreadable ({e})") from None
+
+
+def check_not_merged(checkpoint_dir: str | os.PathLike | None, adapter_dir: Path, log=None) -> None:
+    """Refuse an adapter that `checkpoint_dir` already holds merged; note any other adapter stacked on a merge."""
+    merged = merged_adapters(checkpoint_dir)
+    if not merged:
+        return
+    sha = file_sha256(adapter_dir / ADAPTER_WEIGHTS)
+    if any(m.get("sha256") == sha for m in merged):
+        raise AdapterError(f"{adapter_dir}: this adapter is already merged into {checkpoint_dir} (see its "
+                           f"{MERGED_RECORD}); applying it again would count it twice: use that checkpoint alone")
+    (log or _note)(f"note: {checkpoint_dir} already holds {len(merged)} merged adapter(s) "
+                   f"({', '.join(m.get('adapter', '?') for m in merged)}); {adapter_dir} is stacked on top")
+
+
+def _note(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,16 +246,23 @@ def _lora_linear_paths(model: nn.Module) -> list[str]:
     return paths
 
 
-def encode_target_modules(model: nn.Module, targets: list[str] | str | None) -> list[str] | str:
-    """`target_modules` that makes PEFT pick exactly the model's LoRA modules.
+def _in_naming(paths: list[str], naming: str) -> list[str]:
+    """minihiggs module paths in `naming` (paths without a counterpart there are left out)."""
+    return [q for q in (layouts.model_key(p, naming) for p in paths) if q is not None]
+
+
+def encode_target_modules(model: nn.Module, targets: list[str] | str | None,
+                          naming: str = layouts.LEGACY) -> list[str] | str:
+    """`target_modules` that makes PEFT pick exactly the model's LoRA modules, read over the module paths of
+    `naming` (the layout the adapter is saved for).
 
     The given targets are kept when, read with PEFT's rules, they select exactly the wrapped modules (the
     usual case: plain names like "q_proj"). Otherwise (globs, regexes, suffix names PEFT would read
     differently) a full-match regex listing the wrapped paths is written, which PEFT reads exactly.
     """
     model = unwrap(model)
-    wrapped = list(lora_modules(model))
-    linears = _lora_linear_paths(model)
+    wrapped = _in_naming(list(lora_modules(model)), naming)
+    linears = _in_naming(_lora_linear_paths(model), naming)
     if targets is not None and (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
         cand = targets if isinstance(targets, str) else list(targets)
         try:
@@ -187,7 +280,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
     """Write the model's LoRA weights + a PEFT adapter_config.json to `out_dir` (atomically, see `atomic_dir`).
 
     r / alpha / dropout / targets default to what `apply_lora` recorded on the model; given values must agree
-    with the LoRA modules actually present (a mismatch is an error, not a silently wrong config).
+    with the LoRA modules actually present (a mismatch is an error, not a silently wrong config). Module paths
+    are those of the base's layout; `revision` records the base's Hub commit (`load_model` notes it on the model).
     Returns the directory.
     """
     model = unwrap(model)
@@ -211,11 +305,19 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
         dropout = rec.dropout if rec is not None else (drops.pop() if len(drops) == 1 else 0.0)
     if targets is None and rec is not None:
         targets = rec.targets
-    target_modules = encode_target_modules(model, targets)
+    naming = getattr(getattr(model, "config", None), "layout", layouts.LEGACY)
+    target_modules = encode_target_modules(model, targets, naming)
     alpha_out = alpha if alpha is not None else (rec.alpha if rec is not None else malpha)
-    cfg = adapter_config_dict(mr, alpha_out, dropout, target_modules, base_model_name_or_path, use_rslora=mrs)
+    # PEFT reads base_model_name_or_path as a plain repo id: a pinned `owner/name@rev` goes to `revision`, which
+    # holds the commit the weights came from (load_model notes it) whenever there is one.
+    base_name, pinned = split_revision(str(base_model_name_or_path or ""))
+    cfg = adapter_config_dict(mr, alpha_out, dropout, target_modules, base_name, use_rslora=mrs,
+                              revision=getattr(model, "checkpoint_revision", None) or pinned, layout=naming)
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {}
+    for k, v in lora_state_dict(model).items():
+        path, kind = _module_of(k)
+        tensors[f"{PEFT_PREFIX}{layouts.model_key(path, naming)}.{kind}.weight"] = v.detach().to("cpu").contiguous()
     with atomic_dir(out_dir) as tmp:
         # Serialised here and written by Python: a full disk is then an OSError (ENOSPC) like every other write
         # (safetensors' own file writer reports it as an opaque SafetensorError).
@@ -230,23 +332,32 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
-                 lora_dtype: torch.dtype | None = torch.float32) -> LoRAReport:
+                 lora_dtype: torch.dtype | None = torch.float32, log=None) -> LoRAReport:
     """Apply LoRA to `model` as the adapter's config says (PEFT target semantics) and load its weights strictly.
 
-    Unknown or missing keys raise a KeyError listing them. If the model already carries LoRA (e.g. to reload
-    into the same model), the modules must be exactly those the config selects, with the same r and scaling.
-    Returns the `LoRAReport` (all base parameters frozen, LoRA trainable).
+    The adapter may use either layout's module paths, whatever the model's layout. An adapter none of whose
+    modules exists in the model is an AdapterError; unknown or missing keys raise a KeyError listing them; an
+    adapter already merged into the model's checkpoint is refused (`check_not_merged`, `log` gets its notes).
+    If the model already carries LoRA (e.g. to reload into the same model), the modules must be exactly those
+    the config selects, with the same r and scaling. Returns the `LoRAReport` (base frozen, LoRA trainable).
     """
     adapter_dir = resolve_adapter_dir(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
-    sd = read_adapter_weights(adapter_dir)
+    where = adapter_dir / ADAPTER_WEIGHTS
+    sd, naming = to_internal_naming(read_adapter_weights(adapter_dir), str(where))
     model = unwrap(model)
+    check_not_merged(getattr(model, "checkpoint_dir", None), adapter_dir, log)
+    linears = _lora_linear_paths(model)
+    paths = sorted({_module_of(k)[0] for k in sd})
+    if not set(paths) & set(linears):
+        raise AdapterError(f"{where}: none of its {len(paths)} modules (e.g. {paths[0] if paths else '-'}) exists in "
+                           f"this model: an adapter for another model")
     targets = cfg["target_modules"]
+    match = peft_matcher(targets)  # PEFT reads target_modules over the module paths of the adapter's naming
+    want = [p for p in linears if (q := layouts.model_key(p, naming)) is not None and match(q)]
     r, alpha, dropout = int(cfg["r"]), cfg["lora_alpha"], float(cfg.get("lora_dropout", 0.0))
     existing = lora_modules(model)
     if existing:
-        match = peft_matcher(targets)
-        want = [p for p in _lora_linear_paths(model) if match(p)]
         if want != list(existing):
             raise ValueError(f"model already has LoRA on {len(existing)} modules but {adapter_dir} targets "
                              f"{len(want)}; load into a fresh model")
@@ -258,10 +369,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *,
                             sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in existing.values()),
                             sum(p.numel() for p in model.parameters()), r, alpha, dropout, scale, targets)
     else:
-        report = apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, peft=True,
+        if not want:
+            raise ValueError(f"LoRA target_modules {targets!r} of {adapter_dir} matched no nn.Linear module")
+        exact = "(?:" + "|".join(re.escape(p) for p in want) + ")"  # the selection, in the model's own paths
+        report = apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=exact, peft=True,
                             lora_dtype=lora_dtype, use_rslora=bool(cfg.get("use_rslora", False)))
+        model._minihiggs_lora.targets = report.targets = targets
     try:
         load_lora_state_dict(model, sd, strict=True)
     except KeyError as e:
-        raise KeyError(f"{adapter_dir / ADAPTER_WEIGHTS}: {e.args[0]}") from None
+        raise KeyError(f"{where}: {e.args[0]}") from None
     return report

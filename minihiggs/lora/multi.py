@@ -22,8 +22,15 @@ import torch.nn as nn
 
 from ..errors import AdapterError
 from ..model.linear import Linear, linear
-from .adapter import adapter_scaling, read_adapter_config, read_adapter_weights, resolve_adapter_dir
-from .apply import PEFT_PREFIX, lora_modules, normalize_peft_key
+from .adapter import (
+    adapter_scaling,
+    check_not_merged,
+    read_adapter_config,
+    read_adapter_weights,
+    resolve_adapter_dir,
+    to_internal_naming,
+)
+from .apply import PEFT_PREFIX, lora_modules
 
 
 class MultiLoRALinear(nn.Module):
@@ -73,7 +80,8 @@ class AdapterBank:
     @classmethod
     @torch.no_grad()
     def attach(cls, model: nn.Module, adapters: dict[str, str | os.PathLike]) -> "AdapterBank":
-        """Wrap `model`'s targeted linears, in place, with every adapter of `adapters` ({name: directory})."""
+        """Wrap `model`'s targeted linears, in place, with every adapter of `adapters` ({name: directory}; PEFT files
+        in either module naming, lora/adapter.py)."""
         if lora_modules(model):
             raise AdapterError("the base model already carries LoRA modules; attach adapters to a plain base")
         names = list(adapters)
@@ -84,7 +92,8 @@ class AdapterBank:
             d = resolve_adapter_dir(adapters[name])
             cfg = read_adapter_config(d)
             scale = adapter_scaling(cfg)
-            sd = {normalize_peft_key(k): v for k, v in read_adapter_weights(d).items()}
+            check_not_merged(getattr(model, "checkpoint_dir", None), d)  # (applied twice otherwise)
+            sd, _ = to_internal_naming(read_adapter_weights(d), str(d))  # either naming -> minihiggs module paths
             for key, a in sd.items():
                 if not key.endswith(".lora_A.weight"):
                     continue

@@ -1,8 +1,9 @@
-"""Loading Higgs Audio v2 checkpoints: local directories or Hub repo ids, single or sharded safetensors.
+"""Loading Higgs Audio v2 checkpoints: local directories or Hub repo ids (`owner/name[@revision]`), single or
+sharded safetensors, in either layout (layouts.py: config.json's `model_type` says which).
 
 The model is built on the meta device and every tensor is materialised exactly once, straight from the
-safetensors file into its final dtype and device, shard by shard: peak host memory stays near one copy of the
-weights (no randomly-initialised model plus a loaded state dict).
+safetensors file into its final dtype and device, shard by shard, its key renamed to the minihiggs name on the
+fly: peak host memory stays near one copy of the weights (no randomly-initialised model plus a loaded state dict).
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from pathlib import Path
 
 import torch
 
+from .. import layouts
 from ..config import HiggsConfig
 from ..constants import DEFAULT_BASE_REPO as DEFAULT_REPO
 from ..errors import CheckpointError
-from ..hub import resolve_dir
+from ..hub import resolve_dir, resolved_revision
 from .higgs import HiggsAudioModel
 
+# Weights, configs and every side file a transformers user of an export needs (processor, chat template).
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "generation_config.json"]
+                "generation_config.json", "processor_config.json", "preprocessor_config.json", "chat_template*"]
 # Keys some checkpoints carry that hold nothing the model needs (buffers saved by older code).
-STRAY_SUFFIXES = ("rotary_emb.inv_freq",)
+STRAY_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 STRAY_KEYS = {"audio_codebook_weights"}
 
 
@@ -49,7 +52,8 @@ def weight_files(ckpt: Path) -> list[Path]:
     return found
 
 
-def _is_stray(key: str, cfg: HiggsConfig) -> bool:
+def is_stray(key: str, cfg: HiggsConfig) -> bool:
+    """A key some checkpoints carry that holds nothing the model needs (ignored on load, dropped by a conversion)."""
     if key in STRAY_KEYS or key.endswith(STRAY_SUFFIXES):
         return True
     # A checkpoint may ship tower weights while its config says not to use them (skip_audio_tower=true).
@@ -100,27 +104,37 @@ def read_tensor(f, info: dict, data_start: int, path: Path, key: str) -> torch.T
     return t
 
 
+def internal_key(key: str, layout: str) -> str:
+    """A checkpoint key of `layout` -> the minihiggs (legacy) name; a key without one keeps its name, so the
+    strict report lists it as unexpected."""
+    if layout == layouts.LEGACY:
+        return key
+    return layouts.model_key_to_legacy(key) or key
+
+
 def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
     """Materialise every parameter of a meta-device `model` from safetensors files, strictly."""
     expected = {k: v for k, v in model.state_dict().items()}
+    layout = model.config.layout
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     for path in files:
         header, data_start = safetensors_header(path)
         with open(path, "rb") as f:
-            for key, info in header.items():
+            for file_key, info in header.items():
+                key = internal_key(file_key, layout)
                 if key not in expected:
-                    if not _is_stray(key, model.config):
-                        unexpected.append(f"{key} ({path.name})")
+                    if not is_stray(key, model.config):
+                        unexpected.append(f"{file_key} ({path.name})")
                     continue
                 if tuple(info["shape"]) != tuple(expected[key].shape):
-                    mismatched.append(f"{key}: checkpoint {tuple(info['shape'])} vs model {tuple(expected[key].shape)}")
+                    mismatched.append(f"{file_key}: checkpoint {tuple(info['shape'])} vs model {tuple(expected[key].shape)}")
                     continue
                 t = read_tensor(f, info, data_start, path, key)
                 _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                 seen.add(key)
-    missing = sorted(set(expected) - seen)
+    missing = sorted(layouts.model_key(k, layout) or k for k in set(expected) - seen)
     if missing or unexpected or mismatched:
         lines = []
         if missing:
@@ -136,7 +150,9 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
 
 def load_model(path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> HiggsAudioModel:
-    """Build the model from a checkpoint's config.json and load its weights (strict, with a readable report)."""
+    """Build the model from a checkpoint's config.json and load its weights (strict, with a readable report).
+    The model records where it came from: `checkpoint_dir` and `checkpoint_revision` (the Hub commit, None for a
+    local directory); its config says the layout (`model.config.layout`)."""
     ckpt = resolve_checkpoint(path_or_repo)
     cfg = HiggsConfig.from_file(ckpt / "config.json")
     device = torch.device(device)
@@ -145,4 +161,5 @@ def load_model(path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype: torch.dtyp
     load_state_into(model, weight_files(ckpt), dtype, device)
     model.reset_buffers()
     model.checkpoint_dir = str(ckpt)
+    model.checkpoint_revision = resolved_revision(ckpt)
     return model.eval()

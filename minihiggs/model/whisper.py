@@ -112,7 +112,8 @@ class WhisperConfig:
         if not isinstance(cfg.scale_embedding, bool):
             raise ConfigError(f"audio_encoder_config.scale_embedding: expected a boolean, got {cfg.scale_embedding!r}")
         if cfg.encoder_layerdrop != 0.0:
-            raise ConfigError(f"audio_encoder_config.encoder_layerdrop: only 0 is supported, got {cfg.encoder_layerdrop}")
+            raise ConfigError("audio_encoder_config.encoder_layerdrop: only 0 is supported, got "
+                              f"{cfg.encoder_layerdrop}")
         return cfg
 
 
@@ -183,10 +184,15 @@ class WhisperEncoderLayer(nn.Module):
 
 
 class WhisperEncoder(nn.Module):
-    """`audio_tower.*` of a Higgs Audio v2 checkpoint: `load_state_dict` takes the keys with that prefix stripped."""
+    """`audio_tower.*` of a Higgs Audio v2 checkpoint: `load_state_dict` takes the keys with that prefix stripped.
 
-    def __init__(self, config: WhisperConfig):
+    `pool=False` gives the stock Whisper encoder (no 2x average pool before the final layer_norm: 1500 rows per
+    chunk), which the ASR scorer (`minihiggs.eval.asr`) feeds to its decoder; lengths are then valid conv frames.
+    """
+
+    def __init__(self, config: WhisperConfig, pool: bool = True):
         super().__init__()
+        self.pool = pool
         self.config = cfg = config
         d = cfg.d_model
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
@@ -233,6 +239,8 @@ class WhisperEncoder(nn.Module):
             else:
                 x = layer(x, key_ok)
 
+        if not self.pool:
+            return self.layer_norm(x), conv_len
         x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # [n, T//2, d]
         return self.layer_norm(x), lengths
 

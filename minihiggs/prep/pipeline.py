@@ -1,7 +1,11 @@
-"""The prep pipeline: settings, the manifest split into fixed shards, the worker pool, the index and the summary.
+"""The prep pipeline: `prepare(PrepConfig(...))` runs the named steps below in order.
 
-`run_prep(...)` is what `prep.py` calls. Shards are fixed ranges of `shard_size` manifest entries, so a re-run
-with the same settings (checked against `prep_state.json`) skips finished shards and redoes half-written ones.
+check the inputs -> read the base checkpoint's config and tokenizer -> read the manifest into fixed shards ->
+claim --out (prep_state.json) -> run the shards not finished yet (inline or in a worker pool) -> gather the
+shards' samples and errors -> report -> write index.json.
+
+Shards are fixed ranges of `shard_size` manifest entries, so a re-run with the same settings (checked against
+`prep_state.json`) skips finished shards and redoes half-written ones.
 """
 
 from __future__ import annotations
@@ -9,54 +13,150 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import wait as futures_wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..audio import mel
 from ..constants import CODE_FRAMES_PER_SECOND
-from ..constants import DEFAULT_BASE_REPO as DEFAULT_BASE, DEFAULT_CODEC_REPO as DEFAULT_CODEC
 from ..data.shards import FORMAT, VERSION, read_shard_meta, shard_complete, shard_name, write_index
 from ..errors import PrepError
 from ..fsio import atomic_write_json
-from ..hub import resolve_dir
-from ..text.chatml import DEFAULT_SCENE
+from ..hub import is_repo_id, resolve_dir, resolved_revision
 from . import worker as worker_mod
-from .manifest import manifest_kind, read_json_array, read_plain_list, scan_jsonl
-from .worker import Worker
+from .manifest import manifest_kind, read_json_array, scan_jsonl
+from .plain_list import read_plain_list
+from .pool import run_pool
+from .settings import ModelSettings, PrepConfig, WorkerSettings, model_settings
+from .table import DATASET_PATTERNS, TableSpec, scan_table, select_files
+from .worker import ShardJob, Worker
+
+__all__ = ["PrepConfig", "model_settings", "prepare"]
+
+TOKENIZER_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+REQUIRED_TOKENS = ("<|audio_bos|>", "<|audio_eos|>", "<|audio_out_bos|>", "<|begin_of_text|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The run's inputs, checked and resolved."""
+
+    manifest: Path
+    out: Path
+    kind: str  # manifest_kind
+    scene: str | None
+    device: str
+    workers: int
+    table: TableSpec | None = None  # parquet input
+
+
+@dataclass(frozen=True)
+class Base:
+    """What prep reads of the base checkpoint: its folder, text tokenizer and model settings."""
+
+    dir: Path
+    tok: object  # TextTokenizer
+    model: ModelSettings
+
+
+def prepare(cfg: PrepConfig, log=print) -> dict:
+    """Run prep as `cfg` says; returns a summary dict. Raises PrepError (or another UserError) on a fatal problem
+    (nothing usable, --strict with skipped entries, changed settings, an ambiguous plain list, ...)."""
+    t0 = time.time()
+    inputs = check_inputs(cfg)
+    base = load_base(cfg.base_ckpt, log)
+    jobs, notes = build_jobs(inputs, cfg, log)  # before --out is touched: a list may be refused
+    claim_out_dir(inputs, base, cfg)
+    if not cfg.max_tokens:
+        log(f"prep: no --max_tokens: samples over {worker_mod.DEFAULT_MAX_TOKENS} merged tokens (about "
+            f"{worker_mod.DEFAULT_MAX_TOKENS // CODE_FRAMES_PER_SECOND} s of audio) are skipped as too_long, checked "
+            "from the file headers before decoding; set --max_tokens to change the limit")
+    for note in notes:
+        log(f"prep: {note}")
+    todo = unfinished(jobs, inputs.out, log)
+    progress = run_shards(jobs, todo, inputs, base, cfg)
+    totals = gather(inputs.out, jobs)
+    summary = report(totals, progress, inputs, len(jobs), time.time() - t0, log)
+    check_outcome(totals, inputs, cfg.strict, progress.total)
+    write_index(inputs.out, [j.name for j in jobs],
+                {**base.model.record(), "mel_bins": mel.N_MELS, "tokenizer": base.tok.fingerprint,
+                 "base_ckpt": recorded_source(cfg.base_ckpt), "base_revision": resolved_revision(base.dir),
+                 "codec": recorded_source(cfg.codec), "manifest": str(inputs.manifest)})
+    return summary
+
+
+def recorded_source(path_or_repo: str) -> str:
+    """How index.json names a checkpoint or codec: a local directory as an absolute path (generate and train read
+    it from other working directories), a Hub repo id (with any @revision) as given."""
+    p = Path(path_or_repo).expanduser()
+    return str(p.resolve()) if p.exists() else str(path_or_repo)
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+def check_inputs(cfg: PrepConfig) -> Inputs:
+    import torch
+
+    manifest = resolve_manifest(cfg.manifest)
+    if cfg.shard_size < 1:
+        raise PrepError("--shard_size must be >= 1")
+    kind = manifest_kind(manifest)
+    if cfg.voice_clone and kind != "plain":
+        # the flag pairs utterances of a plain list; a ChatML sample gives its reference in its own messages
+        raise PrepError(f"{manifest}: --voice_clone applies to plain lists (.csv / .tsv / .txt / .list) only; in a "
+                        f"ChatML manifest each sample gives its reference in its messages: drop --voice_clone")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    table = None
+    if kind == "table":
+        table = TableSpec(select_files(manifest, cfg.split), cfg.audio_column, cfg.text_column, cfg.speaker_column,
+                          cfg.scene_prompt or None)
+    return Inputs(manifest, Path(cfg.out).resolve(), kind, cfg.scene_prompt or None, device, max(1, int(cfg.workers)),
+                  table)
+
+
+def resolve_manifest(manifest: str) -> Path:
+    """A manifest file, a folder of parquet tables, or a Hub dataset id (its parquet files fetched)."""
+    p = Path(manifest).expanduser()
+    if p.is_file() or p.is_dir():
+        return p.resolve()
+    if is_repo_id(manifest) and not manifest.startswith((".", "/", "~")):
+        return resolve_dir(manifest, what="--manifest dataset", allow_patterns=DATASET_PATTERNS, repo_type="dataset")
+    raise PrepError(f"{p.resolve()}: manifest not found")
 
 
 def resolve_base(base: str) -> Path:
     """A local checkpoint dir, or a hub repo id (fetches only config.json and the tokenizer files)."""
-    d = resolve_dir(base, what="--base_ckpt", allow_patterns=["config.json", "tokenizer.json", "tokenizer_config.json"])
+    d = resolve_dir(base, what="--base_ckpt", allow_patterns=TOKENIZER_FILES)
     for name in ("config.json", "tokenizer.json"):
         if not (d / name).is_file():
             raise PrepError(f"{d}: --base_ckpt needs config.json and tokenizer.json ({name} missing)")
     return d
 
 
-def model_settings(config: dict) -> dict:
-    """The config fields prep needs, read by the same `HiggsConfig.from_dict` the trainer uses (so an absent
-    field means the same thing on both sides: the model's defaults, e.g. no Whisper tower and 8 codebooks)."""
-    from ..config import HiggsConfig
-    from ..errors import ConfigError
+def load_base(base_ckpt: str, log) -> Base:
+    """The checkpoint's model settings and text tokenizer, which must define the Higgs special tokens at the ids
+    config.json gives."""
+    from ..text.tokenizer import TextTokenizer
 
-    try:
-        cfg = HiggsConfig.from_dict(config)
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise PrepError(f"config.json of --base_ckpt: {e}") from None
-    return {"num_codebooks": int(cfg.audio_num_codebooks), "vocab_size": int(cfg.text.vocab_size),
-            "codebook_size": int(cfg.audio_codebook_size),
-            "audio_in_token_id": int(cfg.audio_in_token_id),
-            "audio_out_token_id": int(cfg.audio_out_token_id),
-            "whisper": bool(cfg.uses_whisper_features),
-            "columns_per_segment": int(cfg.extra_audio_columns)}
+    d = resolve_base(base_ckpt)
+    ms = model_settings(json.loads((d / "config.json").read_text(encoding="utf-8")))
+    tok = TextTokenizer.from_dir(d)
+    for name, want in (("<|AUDIO|>", ms.audio_in_token_id), ("<|AUDIO_OUT|>", ms.audio_out_token_id)):
+        try:
+            got = tok.token_id(name)
+        except KeyError:
+            raise PrepError(f"{d}: the tokenizer does not define {name} (not a Higgs Audio tokenizer?)") from None
+        if got != want:
+            raise PrepError(f"{d}: tokenizer maps {name} to {got} but config.json says {want}")
+    for name in REQUIRED_TOKENS:
+        try:
+            tok.token_id(name)
+        except KeyError:
+            raise PrepError(f"{d}: the tokenizer does not define {name}") from None
+    if not ms.whisper:
+        log("prep: this checkpoint does not use Whisper features (encode_whisper_embed false or "
+            "skip_audio_tower true): none are stored")
+    return Base(d, tok, ms)
 
 
 def file_sha256(path: Path) -> str:
@@ -67,120 +167,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_jobs(manifest: Path, kind: str, shard_size: int, voice_clone: bool, scene: str | None,
-               max_tokens: int | None = None, log=print):
-    """Split the manifest into fixed shards of `shard_size` entries. Returns (jobs, n_entries, notes)."""
-    notes = []
-    jobs = []
-    if kind == "jsonl":
-        lines, offs, lens = scan_jsonl(manifest)
-        n = len(lines)
-        for k, a in enumerate(range(0, n, shard_size)):
-            b = min(n, a + shard_size)
-            jobs.append({"k": k, "name": shard_name(k), "kind": "jsonl", "first": a, "last": b,
-                         "lines": lines[a:b].tolist(), "offsets": offs[a:b].tolist(),
-                         "lengths": lens[a:b].tolist()})
-        return jobs, n, notes
-    if kind == "json":
-        entries = read_json_array(manifest)
-    else:
-        usable = None
-        if voice_clone:  # references only among clips that will make it (one read of each, before the shards)
-            log("prep: --voice_clone: checking every clip, so that references are chosen among usable ones")
-            max_seconds = worker_mod.token_limit(max_tokens)[0] / CODE_FRAMES_PER_SECOND
-            usable = functools.partial(worker_mod.reference_usable, max_seconds=max_seconds)
-        entries, list_notes = read_plain_list(manifest, voice_clone, scene, usable)
-        notes += list_notes
-    n = len(entries)
-    for k, a in enumerate(range(0, n, shard_size)):
-        b = min(n, a + shard_size)
-        jobs.append({"k": k, "name": shard_name(k), "kind": "objs", "first": a, "last": b,
-                     "entries": entries[a:b]})
-    return jobs, n, notes
-
-
-def _clear_shard(out: Path, name: str) -> None:
-    for suffix in (".bin", ".bin.tmp", ".json", ".json.tmp", ".errors.jsonl", ".errors.jsonl.tmp"):
-        p = out / f"{name}{suffix}"
-        if p.exists():
-            p.unlink()
-
-
-@dataclass
-class PrepConfig:
-    """Everything a prep run depends on (the command-line flags of prep.py)."""
-
-    manifest: str
-    out: str
-    base_ckpt: str = DEFAULT_BASE
-    codec: str = DEFAULT_CODEC
-    workers: int = 1
-    shard_size: int = 1000
-    max_tokens: int | None = None
-    strict: bool = False
-    voice_clone: bool = False
-    device: str | None = None
-    scene_prompt: str | None = DEFAULT_SCENE
-    overwrite: bool = False
-    progress: bool = True
-
-
-def prepare(cfg: PrepConfig, log=print) -> dict:
-    """Run prep as `cfg` says; returns a summary dict. Raises PrepError (or another UserError) on a fatal problem."""
-    return run_prep(**{**vars(cfg), "log": log})
-
-
-def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_CODEC, workers: int = 1,
-             shard_size: int = 1000, max_tokens: int | None = None, strict: bool = False,
-             voice_clone: bool = False, device: str | None = None, scene_prompt: str | None = DEFAULT_SCENE,
-             overwrite: bool = False, progress: bool = True,
-             log=print) -> dict:
-    """Run prep; returns a summary dict. Raises PrepError on a fatal problem (nothing usable, --strict, ...)."""
-    import torch
-
-    t0 = time.time()
-    manifest = Path(manifest).resolve()
-    out = Path(out).resolve()
-    if not manifest.is_file():
-        raise PrepError(f"{manifest}: manifest not found")
-    if shard_size < 1:
-        raise PrepError("--shard_size must be >= 1")
-    base_dir = resolve_base(base_ckpt)
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    ms = model_settings(config)
-    from ..text.tokenizer import TextTokenizer
-
-    tok = TextTokenizer.from_dir(base_dir)
-    for name, want in (("<|AUDIO|>", ms["audio_in_token_id"]), ("<|AUDIO_OUT|>", ms["audio_out_token_id"])):
-        try:
-            got = tok.token_id(name)
-        except KeyError:
-            raise PrepError(f"{base_dir}: the tokenizer does not define {name} (not a Higgs Audio tokenizer?)") from None
-        if got != want:
-            raise PrepError(f"{base_dir}: tokenizer maps {name} to {got} but config.json says {want}")
-    for name in ("<|audio_bos|>", "<|audio_eos|>", "<|audio_out_bos|>", "<|begin_of_text|>", "<|eot_id|>"):
-        try:
-            tok.token_id(name)
-        except KeyError:
-            raise PrepError(f"{base_dir}: the tokenizer does not define {name}") from None
-    if not ms["whisper"]:
-        log("prep: this checkpoint does not use Whisper features (encode_whisper_embed false or "
-            "skip_audio_tower true): none are stored")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    workers = max(1, int(workers))
-    kind = manifest_kind(manifest)
-    fingerprint = {"format": FORMAT, "version": VERSION, "manifest": str(manifest),
-                   "manifest_sha256": file_sha256(manifest), "shard_size": shard_size,
-                   "voice_clone": bool(voice_clone) if kind == "plain" else False,
-                   "scene_prompt": scene_prompt if kind == "plain" else None, "max_tokens": max_tokens,
-                   "tokenizer": tok.fingerprint, "codec": str(codec), **ms}
+def claim_out_dir(inputs: Inputs, base: Base, cfg: PrepConfig) -> None:
+    """Record this run's settings in OUT/prep_state.json; shards of other settings are refused (or deleted with
+    --overwrite), and the previous run's index and error list removed."""
+    plain = inputs.kind == "plain"
+    t = inputs.table
+    fingerprint = {"format": FORMAT, "version": VERSION, "manifest": str(inputs.manifest),
+                   "manifest_sha256": t.fingerprint() if t else file_sha256(inputs.manifest),
+                   "shard_size": cfg.shard_size, "voice_clone": bool(cfg.voice_clone) if plain else False,
+                   "scene_prompt": inputs.scene if plain or t else None, "max_tokens": cfg.max_tokens,
+                   "tokenizer": base.tok.fingerprint, "codec": str(cfg.codec), **base.model.record()}
+    if t:  # which rows and columns make the samples
+        fingerprint["table"] = {"files": [str(f) for f in t.files], "audio_column": t.audio_column,
+                                "text_column": t.text_column, "speaker_column": t.speaker_column}
+    out = inputs.out
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "prep_state.json"
     if state_path.exists():
         old = json.loads(state_path.read_text(encoding="utf-8"))
         if old != fingerprint:
-            if not overwrite:
+            if not cfg.overwrite:
                 diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise PrepError(f"{out} holds shards prepared with other settings ({', '.join(diff)} differ); "
                                 "use a new --out, or --overwrite to delete them")
@@ -191,151 +197,161 @@ def run_prep(manifest, out, base_ckpt: str = DEFAULT_BASE, codec: str = DEFAULT_
         if p.exists():
             p.unlink()
 
-    if not max_tokens:
-        log(f"prep: no --max_tokens: samples over {worker_mod.DEFAULT_MAX_TOKENS} merged tokens (about "
-            f"{worker_mod.DEFAULT_MAX_TOKENS // CODE_FRAMES_PER_SECOND} s of audio) are skipped as too_long, checked "
-            "from the file headers before decoding; set --max_tokens to change the limit")
-    jobs, n_entries, notes = build_jobs(manifest, kind, shard_size, voice_clone, scene_prompt, max_tokens, log)
-    for note in notes:
-        log(f"prep: {note}")
-    todo, done = [], []
+
+def build_jobs(inputs: Inputs, cfg: PrepConfig, log=print) -> tuple[list[ShardJob], list[str]]:
+    """The manifest's entries split into fixed shards of `shard_size`, and notes for the log."""
+    notes: list[str] = []
+    if inputs.kind == "jsonl":
+        entries = scan_jsonl(inputs.manifest)
+    elif inputs.kind == "json":
+        entries = read_json_array(inputs.manifest)
+    elif inputs.kind == "table":
+        entries = scan_table(inputs.table)
+    else:
+        usable = None
+        if cfg.voice_clone:  # references only among clips that will make it (one read of each, before the shards)
+            log("prep: --voice_clone: checking every clip, so that references are chosen among usable ones")
+            max_seconds = worker_mod.token_limit(cfg.max_tokens)[0] / CODE_FRAMES_PER_SECOND
+            usable = functools.partial(worker_mod.reference_usable, max_seconds=max_seconds)
+        entries, notes = read_plain_list(inputs.manifest, cfg.voice_clone, inputs.scene, usable)
+    size = cfg.shard_size
+    jobs = [ShardJob(shard_name(k), a, min(len(entries), a + size), entries[a:a + size])
+            for k, a in enumerate(range(0, len(entries), size))]
+    return jobs, notes
+
+
+def unfinished(jobs: list[ShardJob], out: Path, log) -> list[ShardJob]:
+    """The jobs whose shard is not complete; their leftovers (a half-written shard) are removed."""
+    todo = []
     for j in jobs:
-        if shard_complete(out, j["name"]):
-            done.append(j)
-        else:
-            _clear_shard(out, j["name"])
+        if not shard_complete(out, j.name):
+            for suffix in (".bin", ".bin.tmp", ".json", ".json.tmp", ".errors.jsonl", ".errors.jsonl.tmp"):
+                (out / f"{j.name}{suffix}").unlink(missing_ok=True)
             todo.append(j)
-    if done:
-        log(f"prep: resuming: {len(done)} of {len(jobs)} shard(s) already finished")
-    settings = {"out": str(out), "manifest": str(manifest), "manifest_name": manifest.name,
-                "base_dir": str(manifest.parent), "tokenizer_dir": str(base_dir), "codec": codec,
-                "device": device, "max_tokens": max_tokens, **ms,
-                "codec_batch_clips": 32 if device.startswith("cuda") else 8,
-                "threads": max(1, (os.cpu_count() or 1) // workers), "parent_pid": os.getpid()}
+    if len(todo) < len(jobs):
+        log(f"prep: resuming: {len(jobs) - len(todo)} of {len(jobs)} shard(s) already finished")
+    return todo
 
-    from tqdm import tqdm
 
-    done_entries = sum(j["last"] - j["first"] for j in done)
-    bar = tqdm(total=n_entries, initial=done_entries, unit="clip", disable=not progress, dynamic_ncols=True,
-               desc="prep")
-    stats = {"clips": 0, "seconds": 0.0}
-    t_run = time.time()
+class Progress:
+    """The progress bar over manifest entries, and what this run processed (entries, seconds of audio)."""
 
-    def on_progress(clips, seconds):
-        stats["clips"] += clips
-        stats["seconds"] += seconds
-        el = max(time.time() - t_run, 1e-6)
-        bar.update(clips)
-        bar.set_postfix_str(f"{stats['clips'] / el:.1f} clips/s, {stats['seconds'] / 3600 / el:.5f} audio-h/s",
-                            refresh=False)
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm import tqdm
 
-    results = []
-    try:
-        if workers == 1 or len(todo) <= 1:
-            class _Q:
-                def put(self, item):
-                    on_progress(*item)
+        self.total = total
+        self.clips, self.seconds = 0, 0.0
+        self.t0 = time.time()
+        self.elapsed = 0.0
+        self.bar = tqdm(total=total, initial=done, unit="clip", disable=not enabled, dynamic_ncols=True, desc="prep")
 
-            w = Worker(settings, _Q(), tok)
-            for j in todo:
-                results.append(w.run(j))
+    def put(self, item: tuple[int, float]) -> None:
+        """A worker's report: (entries done, seconds of audio written); the Worker's queue interface."""
+        clips, seconds = item
+        self.clips += clips
+        self.seconds += seconds
+        el = max(time.time() - self.t0, 1e-6)
+        self.bar.update(clips)
+        self.bar.set_postfix_str(f"{self.clips / el:.1f} clips/s, {self.seconds / 3600 / el:.5f} audio-h/s",
+                                 refresh=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.elapsed = time.time() - self.t0
+
+
+def run_shards(jobs: list[ShardJob], todo: list[ShardJob], inputs: Inputs, base: Base, cfg: PrepConfig) -> Progress:
+    """Make the unfinished shards `todo`: in this process, or on a pool of `--workers` processes."""
+    settings = WorkerSettings(out=inputs.out, manifest=inputs.manifest, tokenizer_dir=base.dir, codec=cfg.codec,
+                              device=inputs.device, max_tokens=cfg.max_tokens, model=base.model,
+                              codec_batch_clips=32 if inputs.device.startswith("cuda") else 8,
+                              threads=max(1, (os.cpu_count() or 1) // inputs.workers), parent_pid=os.getpid(),
+                              table=inputs.table)
+    total = sum(j.last - j.first for j in jobs)
+    progress = Progress(total, done=total - sum(j.last - j.first for j in todo), enabled=cfg.progress)
+    with progress:
+        if inputs.workers == 1 or len(todo) <= 1:
+            run_inline(todo, settings, base.tok, progress)
         else:
-            # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, a crash in
-            # native code, a failing initializer) breaks the executor and every pending future raises, where
-            # Pool silently replaces the worker and waits forever for the lost shard.
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=worker_mod._init_worker,
-                                     initargs=(settings, q))
-            ok = False
+            run_pool(todo, settings, inputs.workers, progress)
+    return progress
 
-            def drain(timeout: float) -> None:
-                """Hand every queued progress message to the bar (waiting up to `timeout` for the next one)."""
-                try:
-                    while True:
-                        on_progress(*q.get(timeout=timeout))
-                except queue_mod.Empty:
-                    pass
 
-            try:
-                pending = {ex.submit(worker_mod._run_job, j) for j in todo}
-                while pending:
-                    drain(0.2)
-                    finished, pending = futures_wait(pending, timeout=0)
-                    for f in finished:
-                        try:
-                            res = f.result()
-                        except BrokenProcessPool:
-                            raise PrepError("a worker process died (killed for memory, or crashed); finished "
-                                            "shards are kept: re-run the same command to resume") from None
-                        if "failed" in res:
-                            raise PrepError(f"worker failed on {res['name']}: {res['failed']}\n"
-                                            f"{res['traceback']}")
-                        results.append(res)
-                drain(0.05)
-                ok = True
-            finally:
-                if ok:
-                    ex.shutdown(wait=True)
-                else:  # stop the other workers now (their half-written shards are redone on resume)
-                    procs = list((getattr(ex, "_processes", None) or {}).values())
-                    ex.shutdown(wait=False, cancel_futures=True)
-                    for p in procs:
-                        p.terminate()
-                    for p in procs:
-                        p.join()
-    finally:
-        bar.close()
-    elapsed = time.time() - t_run
+def run_inline(todo: list[ShardJob], settings: WorkerSettings, tok, progress: Progress) -> None:
+    w = Worker(settings, progress, tok)
+    for j in todo:
+        w.run(j)
 
-    # ---- index, errors, summary
-    errors_out, kinds = [], {}
-    total_samples, total_seconds = 0, 0.0
-    ids_seen: dict[str, list[int]] = {}
+
+@dataclass
+class Totals:
+    """What the finished shards hold: samples, seconds of audio, skipped entries, where each id is used."""
+
+    samples: int
+    seconds: float
+    errors: list[dict]
+    id_lines: dict[str, list[int]]
+
+
+def gather(out: Path, jobs: list[ShardJob]) -> Totals:
+    """Read every shard's metadata and errors; writes OUT/prep_errors.jsonl (all shards' errors, in order)."""
+    totals = Totals(0, 0.0, [], {})
     with open(out / "prep_errors.jsonl.tmp", "w", encoding="utf-8") as ef:
         for j in jobs:
-            meta = read_shard_meta(out, j["name"])
-            total_samples += len(meta["samples"])
-            total_seconds += sum(r["duration"] for r in meta["samples"])
+            meta = read_shard_meta(out, j.name)
+            totals.samples += len(meta["samples"])
+            totals.seconds += sum(r["duration"] for r in meta["samples"])
             for r in meta["samples"]:
-                ids_seen.setdefault(r["id"], []).append(r["line"])
-            with open(out / f"{j['name']}.errors.jsonl", encoding="utf-8") as f:
+                totals.id_lines.setdefault(r["id"], []).append(r["line"])
+            with open(out / f"{j.name}.errors.jsonl", encoding="utf-8") as f:
                 for row in f:
                     ef.write(row)
-                    e = json.loads(row)
-                    kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-                    errors_out.append(e)
+                    totals.errors.append(json.loads(row))
     os.replace(out / "prep_errors.jsonl.tmp", out / "prep_errors.jsonl")
-    n_err = len(errors_out)
-    summary = {"samples": total_samples, "skipped": n_err, "skipped_by_kind": kinds, "shards": len(jobs),
-               "audio_hours": total_seconds / 3600, "seconds": time.time() - t0, "run_seconds": elapsed,
-               "clips_processed": stats["clips"], "audio_seconds_processed": stats["seconds"],
-               "out": str(out), "errors_file": str(out / "prep_errors.jsonl")}
-    rate = stats["clips"] / elapsed if elapsed > 0 else 0.0
-    log(f"prep: {total_samples} sample(s) in {len(jobs)} shard(s), {total_seconds / 3600:.3f} h of audio; "
+    return totals
+
+
+def check_outcome(totals: Totals, inputs: Inputs, strict: bool, n_entries: int) -> None:
+    """No index.json when nothing is usable, or with --strict when an entry was skipped."""
+    errors_file = inputs.out / "prep_errors.jsonl"
+    if totals.samples == 0:
+        raise PrepError(f"{inputs.manifest}: nothing usable: every entry ({n_entries}) was skipped (the reasons are "
+                        f"in {errors_file})")
+    if strict and totals.errors:
+        n = len(totals.errors)
+        raise PrepError(f"--strict: {n} entr{'y was' if n == 1 else 'ies were'} skipped (see {errors_file}); no "
+                        "index.json written")
+
+
+def report(totals: Totals, progress: Progress, inputs: Inputs, n_shards: int, seconds: float, log) -> dict:
+    """Log the run's summary, the first skipped entries and duplicate ids; returns the summary dict."""
+    kinds: dict[str, int] = {}
+    for e in totals.errors:
+        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+    n_err, elapsed, out = len(totals.errors), progress.elapsed, inputs.out
+    rate = progress.clips / elapsed if elapsed > 0 else 0.0
+    log(f"prep: {totals.samples} sample(s) in {n_shards} shard(s), {totals.seconds / 3600:.3f} h of audio; "
         f"{n_err} skipped" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))})" if kinds else "")
-        + f"; this run {stats['clips']} entries in {elapsed:.1f} s ({rate:.1f} clips/s, "
-        f"{stats['seconds'] / 3600 / max(elapsed, 1e-9) * 3600:.1f} audio-hours/hour)")
+        + f"; this run {progress.clips} entries in {elapsed:.1f} s ({rate:.1f} clips/s, "
+        f"{progress.seconds / max(elapsed, 1e-9):.1f} audio-hours/hour)")
     if n_err:
         log(f"prep: skipped entries are listed in {out / 'prep_errors.jsonl'}")
-        for e in errors_out[:10]:
-            log(f"  {Path(e['manifest']).name}:{e['line']}: {e['reason']}")
+        for e in totals.errors[:10]:
+            at = f":{e['line']}" if "line" in e else f" row {e['row']}"
+            log(f"  {Path(e['manifest']).name}{at}: {e['reason']}")
         if n_err > 10:
             log(f"  ... and {n_err - 10} more")
-    dups = {k: v for k, v in ids_seen.items() if len(v) > 1}
+    dups = {k: v for k, v in totals.id_lines.items() if len(v) > 1}
     if dups:
         shown = "; ".join(f"{k!r} (lines {', '.join(map(str, v))})" for k, v in list(dups.items())[:5])
-        log(f"prep: warning: {len(dups)} sample id(s) used more than once in {manifest.name}: {shown}"
+        log(f"prep: warning: {len(dups)} sample id(s) used more than once in {inputs.manifest.name}: {shown}"
             + (f"; ... and {len(dups) - 5} more" if len(dups) > 5 else "")
             + ". The train/val split hashes ids: samples sharing an id always land on the same side; give each "
               "sample its own \"id\"")
-    if total_samples == 0:
-        raise PrepError(f"{manifest}: nothing usable: every entry ({n_entries}) was skipped (the reasons are in "
-                        f"{out / 'prep_errors.jsonl'})")
-    if strict and n_err:
-        raise PrepError(f"--strict: {n_err} entr{'y was' if n_err == 1 else 'ies were'} skipped "
-                        f"(see {out / 'prep_errors.jsonl'}); no index.json written")
-    write_index(out, [j["name"] for j in jobs],
-                {**ms, "mel_bins": mel.N_MELS, "tokenizer": tok.fingerprint, "base_ckpt": str(base_ckpt),
-                 "codec": str(codec), "manifest": str(manifest)})
-    return summary
+    return {"samples": totals.samples, "skipped": n_err, "skipped_by_kind": kinds, "shards": n_shards,
+            "audio_hours": totals.seconds / 3600, "seconds": seconds, "run_seconds": elapsed,
+            "clips_processed": progress.clips, "audio_seconds_processed": progress.seconds,
+            "out": str(out), "errors_file": str(out / "prep_errors.jsonl")}

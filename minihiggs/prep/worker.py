@@ -9,20 +9,24 @@ manifest line; it never shifts another sample's audio.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
-import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
 from ..audio import mel
 from ..audio.io import audio_header, read_audio, resample, to_mono
-from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR
+from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR, IGNORE_INDEX
 from ..data.shards import ShardWriter, estimated_length
-from ..errors import AudioError, ManifestError, PrepError
-from ..text.chatml import encode_chatml, expand_audio_in, parse_chatml
+from ..errors import AudioError, ManifestError, PrepError, UserError
+from ..text.chatml import AudioItem, Encoded, encode_chatml, expand_audio_in, parse_chatml
+from .manifest import BadEntry, ChatmlEntry, Entry, JsonlLine, TableRow
+from .settings import WorkerSettings
+from .table import TableReader
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose peak stays below this is treated as silent
 WINDOW = 32  # manifest entries processed together (codec batching, bounded memory)
@@ -41,9 +45,6 @@ def token_limit(max_tokens: int | None) -> tuple[int, str]:
                                 "it)")
 
 
-_W = None
-
-
 def reference_usable(path: str, max_seconds: float) -> bool:
     """Whether the clip at `path` can serve as a voice-clone reference: it exists, its header is readable, it
     is at least one code frame and at most `max_seconds` long (checked before decoding), and it decodes to
@@ -60,80 +61,90 @@ def reference_usable(path: str, max_seconds: float) -> bool:
     return wave.size > 0 and bool(np.isfinite(wave).all()) and float(np.abs(wave).max()) >= SILENCE_PEAK
 
 
-def _init_worker(settings: dict, q) -> None:
-    global _W
-    import torch
+@dataclass
+class ShardJob:
+    """One shard to make: the manifest entries `first` to `last` (indices among all entries, end excluded)."""
 
-    die_with_parent(settings.get("parent_pid"))
-    torch.set_num_threads(max(1, int(settings.get("threads", 1))))
-    _W = Worker(settings, q)
-
-
-def die_with_parent(parent: int | None) -> None:
-    """A pool worker must not outlive prep: killed with -9, the parent cannot stop it, and it would keep its
-    memory (and GPU memory) and go on writing shards. Linux: the kernel sends SIGKILL when the parent dies
-    (PR_SET_PDEATHSIG); everywhere: a thread notices the parent pid change within a second (also covers a parent
-    that died before the prctl, and a kernel that sends the death signal when the *thread* that forked exits)."""
-    import threading
-    import time
-
-    if parent is None:
-        return
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, name="minihiggs-parent-watch", daemon=True).start()
+    name: str
+    first: int
+    last: int
+    entries: list[Entry]
 
 
-def _run_job(job: dict) -> dict:
-    # Exceptions travel back as text: a class defined in a spawned __mp_main__ may not unpickle in the parent.
-    try:
-        return _W.run(job)
-    except Exception as e:
-        import traceback
+@dataclass
+class ShardResult:
+    name: str
+    samples: int
+    errors: int
+    seconds: float  # of audio in the shard's samples
 
-        return {"name": job["name"], "failed": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()}
+
+@dataclass
+class Parsed:
+    """An entry tokenized by the ChatML rules, before its audio."""
+
+    line: int
+    sid: str
+    enc: Encoded
+
+
+@dataclass
+class StagedClip:
+    item: AudioItem
+    key: tuple  # codes cache key: the precomputed codes file, or the audio source with offset/duration
+    wave16: np.ndarray | None  # 16 kHz audio for the Whisper features (audio-in clips of a tower checkpoint)
+
+
+@dataclass
+class Staged:
+    """A parsed entry whose clips are decoded (or their codes loaded), waiting for the codec's batch."""
+
+    parsed: Parsed
+    clips: list[StagedClip]
+
+
+class ErrorLog:
+    """The skipped entries of one shard, as prep_errors.jsonl rows; `where(line)` says where an entry is (its
+    manifest and line, or its parquet file and row)."""
+
+    def __init__(self, where):
+        self.where = where
+        self.rows: list[tuple[int, dict]] = []
+
+    def add(self, line: int, kind: str, reason: str, sid: str | None = None) -> None:
+        self.rows.append((int(line), {**self.where(line), "id": sid, "kind": kind, "reason": reason}))
+
+    def in_order(self) -> list[dict]:
+        return [r for _, r in sorted(self.rows, key=lambda x: x[0])]
 
 
 class Worker:
-    def __init__(self, settings: dict, q=None, tok=None):
+    """Makes shards: one per `run(job)`, in the prep process or in a pool process (`pool.py`)."""
+
+    def __init__(self, settings: WorkerSettings, q=None, tok=None):
         from ..text.tokenizer import TextTokenizer
 
         self.s = settings
-        self.q = q
-        self.tok = tok if tok is not None else TextTokenizer.from_dir(settings["tokenizer_dir"])
+        self.q = q  # progress: (entries done, seconds of audio written) per window
+        self.tok = tok if tok is not None else TextTokenizer.from_dir(settings.tokenizer_dir)
         self.codec = None
-        self.C = settings["num_codebooks"]
-        self.audio_in_id = settings["audio_in_token_id"]
+        self.C = settings.model.num_codebooks
+        self.table = None  # TableReader, made on the first table row
 
     # -------------------------------------------------------------- helpers
     def get_codec(self):
         if self.codec is None:
             from ..codec import AudioTokenizer
 
-            if not str(self.s["device"]).startswith("cuda"):
+            if not self.s.device.startswith("cuda"):
                 from ..codec.malloc import keep_large_allocations_in_heap
 
                 keep_large_allocations_in_heap()
             try:
-                self.codec = AudioTokenizer.from_pretrained(self.s["codec"], device=self.s["device"])
+                self.codec = AudioTokenizer.from_pretrained(self.s.codec, device=self.s.device)
             except Exception as e:
-                raise PrepError(f"cannot load the audio tokenizer {self.s['codec']!r} "
-                                f"({type(e).__name__}: {e})") from e
+                why = e if isinstance(e, UserError) else f"{type(e).__name__}: {e}"  # no internal class names
+                raise PrepError(f"cannot load the audio tokenizer {self.s.codec!r} ({why})") from e
             if getattr(self.codec, "sample_rate", CODEC_SR) != CODEC_SR:
                 raise PrepError(f"codec sample rate {self.codec.sample_rate}, expected {CODEC_SR}")
         return self.codec
@@ -153,8 +164,8 @@ class Worker:
             raise ManifestError(f"{path}: audio_codes shape {a.shape}, expected [{self.C}, frames>0]", "bad_codes")
         if not np.issubdtype(a.dtype, np.integer):
             raise ManifestError(f"{path}: audio_codes dtype {a.dtype}, expected integers", "bad_codes")
-        if a.min() < 0 or a.max() >= self.s["codebook_size"]:
-            raise ManifestError(f"{path}: audio_codes outside [0, {self.s['codebook_size']})", "bad_codes")
+        if a.min() < 0 or a.max() >= self.s.model.codebook_size:
+            raise ManifestError(f"{path}: audio_codes outside [0, {self.s.model.codebook_size})", "bad_codes")
         return a.astype(np.int64)
 
     def header_seconds(self, item) -> float:
@@ -234,7 +245,7 @@ class Worker:
                     for k in group:
                         run([k])
 
-        step = self.s["codec_batch_clips"]
+        step = self.s.codec_batch_clips
         for i in range(0, len(keys), step):
             run(keys[i:i + step])
         return out
@@ -242,8 +253,8 @@ class Worker:
     def check_vocab(self, ids: list[int]) -> None:
         """Every id must be one the model can embed: text may contain a special token of the tokenizer that lies
         beyond the checkpoint's vocabulary (e.g. Llama-3's <|image|> = 128256), which would crash training."""
-        vocab = self.s.get("vocab_size")
-        if vocab is None or not ids or max(ids) < vocab:
+        vocab = self.s.model.vocab_size
+        if not ids or max(ids) < vocab:
             return
         bad = min(i for i in ids if i >= vocab)
         raise ManifestError(f"text contains token {self.tok.decode([bad])!r} (id {bad}), outside the model's "
@@ -261,8 +272,8 @@ class Worker:
             longest = max(longest, (seconds, it.audio_url or "raw_audio"))
         if not frames:
             return
-        limit, limit_name = token_limit(self.s["max_tokens"])
-        n = estimated_length(len(enc.input_ids), frames, None, self.s["columns_per_segment"])
+        limit, limit_name = token_limit(self.s.max_tokens)
+        n = estimated_length(len(enc.input_ids), frames, None, self.s.model.columns_per_segment)
         if n > limit:
             raise ManifestError(f"{longest[1]}: {longest[0]:.1f} s of audio (file header) make at least {n} merged "
                                 f"tokens, over {limit_name}; not decoded", "too_long")
@@ -277,162 +288,166 @@ class Worker:
         return [codes[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     # -------------------------------------------------------------- one shard
-    def run(self, job: dict) -> dict:
+    def run(self, job: ShardJob) -> ShardResult:
+        writer = ShardWriter(self.s.out, job.name, self.C, (job.first, job.last))
+        by_line = {e.line: e for e in job.entries}
+        errors = ErrorLog(lambda line: self.s.place(by_line[line]))
+        codes_cache: dict = {}  # key -> codes (or the codec's exception), shared by the shard's windows
+        try:
+            with open(self.s.manifest, "rb") if self.s.table is None else contextlib.nullcontext() as manifest:
+                for w0 in range(0, len(job.entries), WINDOW):
+                    window = job.entries[w0:w0 + WINDOW]
+                    parsed = self.parse_window(window, manifest, errors)
+                    staged = self.stage_window(parsed, codes_cache, errors)
+                    seconds = self.write_window(staged, codes_cache, writer, errors)
+                    self.report(len(window), seconds)
+            meta = writer.close(errors.in_order())
+        except BaseException:
+            writer.abort()
+            raise
+        return ShardResult(job.name, len(meta["samples"]), len(errors.rows),
+                           sum(r["duration"] for r in meta["samples"]))
+
+    def parse_window(self, window: list[Entry], manifest: BinaryIO, errors: ErrorLog) -> list[Parsed]:
+        """Each entry through the ChatML rules and the tokenizer; the unusable ones into `errors`."""
+        parsed = []
+        for e in window:
+            if isinstance(e, BadEntry):
+                errors.add(e.line, e.kind, e.reason)
+                continue
+            sid = None
+            try:
+                cm = parse_chatml(self.entry_object(e, manifest), self.s.base_dir)
+                sid = cm.id or f"{self.s.manifest.name}:{e.line}"
+                enc = encode_chatml(cm, self.tok)
+                self.check_vocab(enc.input_ids)
+                if all(x == IGNORE_INDEX for x in enc.label_ids):
+                    raise ManifestError("no trainable target (no assistant turn at or after start_index)", "no_target")
+                parsed.append(Parsed(e.line, sid, enc))
+            except ManifestError as me:
+                errors.add(e.line, me.kind, str(me), sid)
+        return parsed
+
+    def entry_object(self, e: JsonlLine | TableRow | ChatmlEntry, manifest: BinaryIO | None) -> object:
+        """The entry's JSON value; a .jsonl line is read from the manifest here, a table row from its row group."""
+        if isinstance(e, ChatmlEntry):
+            return e.obj
+        if isinstance(e, TableRow):
+            if self.table is None:
+                self.table = TableReader(self.s.table)
+            return self.table.sample(e)
+        manifest.seek(e.offset)
+        try:
+            txt = manifest.read(e.length).decode("utf-8")
+        except UnicodeDecodeError as ue:
+            raise ManifestError(f"line is not valid UTF-8 ({ue.reason} at byte {ue.start})",
+                                "bad_text_encoding") from None
+        txt = txt.removeprefix("\ufeff")  # a UTF-8 byte-order mark on the first line
+        txt = txt.rstrip("\r\n")  # (an error at the end of the line: its column, not "line 2")
+        try:
+            return json.loads(txt)
+        except json.JSONDecodeError as je:
+            raise ManifestError(f"broken JSON ({je.msg} at column {je.colno})", "bad_json") from None
+
+    def stage_window(self, parsed: list[Parsed], codes_cache: dict, errors: ErrorLog) -> list[Staged]:
+        """Check each sample's length from the file headers, decode its audio, load precomputed codes, then encode
+        the window's new clips in codec batches (into `codes_cache`)."""
+        pending: dict = {}  # key -> 24 kHz wave to encode
+        staged = []
+        for p in parsed:
+            try:
+                self.check_length_before_decoding(p.enc)
+                staged.append(Staged(p, [self.stage_clip(it, codes_cache, pending) for it in p.enc.audio]))
+            except ManifestError as me:
+                errors.add(p.line, me.kind, str(me), p.sid)
+        for k, c in self.encode_waves(pending).items():
+            if not isinstance(c, Exception):
+                c = np.asarray(c.cpu() if hasattr(c, "cpu") else c, dtype=np.int64)[:self.C]
+            codes_cache[k] = c
+        return staged
+
+    def stage_clip(self, it: AudioItem, codes_cache: dict, pending: dict) -> StagedClip:
+        need_feats = self.s.model.whisper and it.is_input
+        key = ("codes", it.audio_codes) if it.audio_codes else ("wave",) + it.cache_key()
+        if it.audio_codes and key not in codes_cache:
+            codes_cache[key] = self.load_codes(it.audio_codes)
+        need_codes = key not in codes_cache and key not in pending
+        wave16 = None
+        if need_feats or need_codes:
+            if it.audio_url is None and it.raw_audio is None:
+                raise ManifestError("Whisper features need the audio itself, but the item only has audio_codes",
+                                    "missing_audio")
+            wave, sr = self.load_wave(it)
+            if need_feats:
+                wave16 = resample(wave, sr, mel.SAMPLE_RATE)
+            if need_codes:
+                w24 = resample(wave, sr, CODEC_SR)
+                codec = self.get_codec()
+                if hasattr(codec, "frames") and codec.frames(len(w24)) < 1:
+                    raise ManifestError(f"{it.audio_url or 'raw_audio'}: audio too short for one code frame",
+                                        "empty_audio")
+                pending[key] = w24
+        return StagedClip(it, key, wave16)
+
+    def write_window(self, staged: list[Staged], codes_cache: dict, writer: ShardWriter, errors: ErrorLog) -> float:
+        """Assemble and write each staged sample; returns the seconds of audio written."""
+        seconds = 0.0
+        for st in staged:
+            try:
+                sample, frames, lens = self.assemble(st, codes_cache)
+                length = estimated_length(len(sample.input_ids), frames, lens, self.s.model.columns_per_segment)
+                limit, limit_name = token_limit(self.s.max_tokens)
+                if length > limit:
+                    raise ManifestError(f"{length} merged tokens exceed {limit_name}", "too_long")
+                duration = sum(frames) / CODE_FRAMES_PER_SECOND
+                place = errors.where(st.parsed.line)
+                writer.add(sample, source=place["manifest"], line=place.get("line", place.get("row")),
+                           speaker=st.parsed.enc.speaker, duration=duration, length=length)
+                seconds += duration
+            except ManifestError as me:
+                errors.add(st.parsed.line, me.kind, str(me), st.parsed.sid)
+            except ValueError as ve:  # Sample.validate
+                errors.add(st.parsed.line, "invalid", str(ve), st.parsed.sid)
+        return seconds
+
+    def assemble(self, st: Staged, codes_cache: dict):
+        """(the Sample, the frames of each code segment, the Whisper feature lengths or None)."""
         import torch
 
         from ..data.sample import Sample
 
-        s = self.s
-        out = Path(s["out"])
-        name = job["name"]
-        writer = ShardWriter(out, name, self.C, (job["first"], job["last"]))
-        errors: list[dict] = []
-        manifest = s["manifest"]
-        codes_cache: dict = {}
+        segs, chunks, feats, lens = [], [], [], []
+        for clip in st.clips:
+            codes = self.staged_codes(clip, codes_cache)
+            if clip.wave16 is not None:
+                f, v = mel.whisper_features(clip.wave16)
+                chunks.append(len(f))
+                feats += f
+                lens += v
+                segs += self.split_codes(codes, len(f))
+            else:
+                segs.append(codes)
+        whisper = self.s.model.whisper
+        ids, labels = st.parsed.enc.input_ids, st.parsed.enc.label_ids
+        if whisper:
+            ids, labels = expand_audio_in(ids, labels, self.s.model.audio_in_token_id, chunks)
+        sample = Sample(input_ids=torch.tensor(ids, dtype=torch.long), label_ids=torch.tensor(labels, dtype=torch.long),
+                        audio_codes=[torch.from_numpy(np.ascontiguousarray(c)) for c in segs],
+                        whisper_features=feats if whisper else None, whisper_lengths=lens if whisper else None,
+                        sample_id=st.parsed.sid)
+        sample.validate(self.s.model.audio_in_token_id, self.s.model.audio_out_token_id, self.C)
+        return sample, [int(c.shape[1]) for c in segs], lens if whisper else None
 
-        def err(line, kind, reason, sid=None):
-            errors.append({"manifest": manifest, "line": int(line), "id": sid, "kind": kind, "reason": reason})
-
-        try:
-            entries = self._entries(job)
-            for w0 in range(0, len(entries), WINDOW):
-                window = entries[w0:w0 + WINDOW]
-                parsed = []
-                for e in window:
-                    line = e[1]
-                    if e[0] == "err":
-                        err(line, e[2], e[3])
-                        continue
-                    sid = None
-                    try:
-                        obj = e[2]
-                        if e[0] == "raw":
-                            try:
-                                txt = obj.decode("utf-8")
-                            except UnicodeDecodeError as ue:
-                                raise ManifestError(f"line is not valid UTF-8 ({ue.reason} at byte {ue.start})",
-                                                    "bad_text_encoding") from None
-                            if txt.startswith("\ufeff"):  # a UTF-8 byte-order mark on the first line
-                                txt = txt[1:]
-                            txt = txt.rstrip("\r\n")  # (an error at the end of the line: its column, not "line 2")
-                            try:
-                                obj = json.loads(txt)
-                            except json.JSONDecodeError as je:
-                                raise ManifestError(f"broken JSON ({je.msg} at column {je.colno})",
-                                                    "bad_json") from None
-                        cm = parse_chatml(obj, s["base_dir"])
-                        sid = cm.id or f"{s['manifest_name']}:{line}"
-                        enc = encode_chatml(cm, self.tok)
-                        self.check_vocab(enc.input_ids)
-                        if all(x == -100 for x in enc.label_ids):
-                            raise ManifestError("no trainable target (no assistant turn at or after start_index)",
-                                                "no_target")
-                        parsed.append((line, sid, enc))
-                    except ManifestError as me:
-                        err(line, me.kind, str(me), sid)
-
-                # audio: decode what needs decoding; precomputed codes are loaded directly
-                pending: dict = {}
-                staged = []
-                for line, sid, enc in parsed:
-                    try:
-                        self.check_length_before_decoding(enc)
-                        items = []
-                        for it in enc.audio:
-                            need_feats = s["whisper"] and it.is_input
-                            codes = wave16 = None
-                            key = ("codes", it.audio_codes) if it.audio_codes else ("wave",) + it.cache_key()
-                            if it.audio_codes:
-                                codes = codes_cache.get(key)
-                                if codes is None:
-                                    codes = codes_cache[key] = self.load_codes(it.audio_codes)
-                            if need_feats or (codes is None and key not in codes_cache and key not in pending):
-                                if it.audio_url is None and it.raw_audio is None:
-                                    raise ManifestError("Whisper features need the audio itself, but the item "
-                                                        "only has audio_codes", "missing_audio")
-                                wave, sr = self.load_wave(it)
-                                if need_feats:
-                                    wave16 = resample(wave, sr, mel.SAMPLE_RATE)
-                                if codes is None and key not in codes_cache and key not in pending:
-                                    w24 = resample(wave, sr, CODEC_SR)
-                                    codec = self.get_codec()
-                                    if hasattr(codec, "frames") and codec.frames(len(w24)) < 1:
-                                        raise ManifestError(f"{it.audio_url or 'raw_audio'}: audio too short for "
-                                                            "one code frame", "empty_audio")
-                                    pending[key] = w24
-                            items.append((it, key, wave16))
-                        staged.append((line, sid, enc, items))
-                    except ManifestError as me:
-                        err(line, me.kind, str(me), sid)
-                for k, c in self.encode_waves(pending).items():
-                    if isinstance(c, Exception):
-                        codes_cache[k] = c
-                    else:
-                        c = np.asarray(c.cpu() if hasattr(c, "cpu") else c, dtype=np.int64)
-                        codes_cache[k] = c[:self.C]
-
-                seconds = 0.0
-                for line, sid, enc, items in staged:
-                    try:
-                        segs, chunks, feats, lens = [], [], [], []
-                        for it, key, wave16 in items:
-                            codes = codes_cache.get(key)
-                            if isinstance(codes, MemoryError):
-                                raise ManifestError(f"{it.audio_url or 'raw_audio'}: not enough memory to encode it "
-                                                    "(lower --max_tokens, or --workers)", "out_of_memory")
-                            if isinstance(codes, Exception):
-                                raise ManifestError(f"codec failed on {it.audio_url or 'raw_audio'} "
-                                                    f"({type(codes).__name__}: {codes})", "corrupt_audio")
-                            if codes.shape[1] == 0:
-                                raise ManifestError(f"{it.audio_url or 'raw_audio'}: too short for one code frame",
-                                                    "empty_audio")
-                            if wave16 is not None:
-                                f, v = mel.whisper_features(wave16)
-                                parts = self.split_codes(codes, len(f))
-                                chunks.append(len(f))
-                                feats += f
-                                lens += v
-                                segs += parts
-                            else:
-                                segs.append(codes)
-                        ids, labels = enc.input_ids, enc.label_ids
-                        if s["whisper"]:
-                            ids, labels = expand_audio_in(ids, labels, self.audio_in_id, chunks)
-                        sample = Sample(input_ids=torch.tensor(ids, dtype=torch.long),
-                                        label_ids=torch.tensor(labels, dtype=torch.long),
-                                        audio_codes=[torch.from_numpy(np.ascontiguousarray(c)) for c in segs],
-                                        whisper_features=feats if s["whisper"] else None,
-                                        whisper_lengths=lens if s["whisper"] else None, sample_id=sid)
-                        sample.validate(self.audio_in_id, s["audio_out_token_id"], self.C)
-                        frames = [int(c.shape[1]) for c in segs]
-                        length = estimated_length(len(ids), frames, lens if s["whisper"] else None,
-                                                  s["columns_per_segment"])
-                        limit, limit_name = token_limit(s["max_tokens"])
-                        if length > limit:
-                            raise ManifestError(f"{length} merged tokens exceed {limit_name}", "too_long")
-                        duration = sum(frames) / 25.0
-                        writer.add(sample, source=manifest, line=line, speaker=enc.speaker, duration=duration,
-                                   length=length)
-                        seconds += duration
-                    except ManifestError as me:
-                        err(line, me.kind, str(me), sid)
-                    except ValueError as ve:
-                        err(line, "invalid", str(ve), sid)
-                self.report(len(window), seconds)
-            errors.sort(key=lambda x: x["line"])
-            meta = writer.close(errors)
-        except BaseException:
-            writer.abort()
-            raise
-        return {"name": name, "samples": len(meta["samples"]), "errors": len(errors),
-                "seconds": sum(r["duration"] for r in meta["samples"])}
-
-    def _entries(self, job: dict) -> list[tuple]:
-        if job["kind"] == "jsonl":
-            out = []
-            with open(self.s["manifest"], "rb") as f:
-                for line, off, ln in zip(job["lines"], job["offsets"], job["lengths"]):
-                    f.seek(off)
-                    out.append(("raw", line, f.read(ln)))
-            return out
-        return job["entries"]
+    @staticmethod
+    def staged_codes(clip: StagedClip, codes_cache: dict) -> np.ndarray:
+        """The clip's codes, or the ManifestError that the codec's failure on it means."""
+        codes = codes_cache.get(clip.key)
+        name = clip.item.audio_url or "raw_audio"
+        if isinstance(codes, MemoryError):
+            raise ManifestError(f"{name}: not enough memory to encode it (lower --max_tokens, or --workers)",
+                                "out_of_memory")
+        if isinstance(codes, Exception):
+            raise ManifestError(f"codec failed on {name} ({type(codes).__name__}: {codes})", "corrupt_audio")
+        if codes.shape[1] == 0:
+            raise ManifestError(f"{name}: too short for one code frame", "empty_audio")
+        return codes

@@ -50,7 +50,7 @@ def build(a: ServeArgs, log=None):
     from ..constants import DEFAULT_CODEC_REPO
     from ..generate.loading import adapter_dir, load_codec, load_tokenizer, recorded_codec
     from ..generate.speak import default_device, default_dtype
-    from ..lora.adapter import read_adapter_config
+    from ..lora.adapter import read_adapter_config, recorded_base
     from ..model.checkpoint import load_model
     from ..generate.stream import StreamDecoder
     from .app import create_app
@@ -61,7 +61,7 @@ def build(a: ServeArgs, log=None):
     adapters = [e["adapter"] for e in read_presets(a.voices).values() if e.get("adapter")]
     base = a.base_ckpt
     if base is None and adapters:
-        base = read_adapter_config(adapter_dir(adapters[0])).get("base_model_name_or_path")
+        base = recorded_base(read_adapter_config(adapter_dir(adapters[0])))
     if base is None:
         raise ServeError("no base checkpoint: pass --base_ckpt (no adapter of the voices records one)")
     device = default_device(a.device)

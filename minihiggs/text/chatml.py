@@ -95,7 +95,8 @@ def _check_text(s: Any, where: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ManifestError(f"{where}: text is not valid UTF-8 ({e.reason} at {e.start})", "bad_text_encoding")
+        raise ManifestError(f"{where}: text is not valid UTF-8 ({e.reason} at {e.start})",
+                            "bad_text_encoding") from None
     return s
 
 

@@ -1,8 +1,8 @@
 """LoRA fine-tuning (what `train.py` / `torchrun train.py` runs).
 
-`config` (TrainConfig: every flag), `state` (TrainState: the resumable bookkeeping), `step` (one optimizer step,
-validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals` (the stop
-rule), `guard` (the accepted-update check), `preflight` (up-front checks of the output dir and the config).
+`config` (TrainConfig: every flag), `state` (TrainState: the resumable bookkeeping), `step` (forward + backward
+of a step, validation), `recipe` (setup + the loop), `checkpointing`, `data`, `distributed`, `schedule`, `signals`
+(the stop rule), `guard` (the accepted-update check), `preflight` (up-front checks of the output dir and the config).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from .config import TrainConfig, parse_train_args
 __all__ = ["TrainConfig", "parse_train_args", "train"]
 
 
-def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
+def train(cfg: TrainConfig, argv: list[str] | None = None, stop=None) -> int:
     """Run one training job in this process (under torchrun: this rank). Returns the exit code (0 done or stopped
     by a signal with a checkpoint, 1 stopped by non-finite steps); raises a `UserError` for bad input, and
     `signals.Interrupted` for a stop during setup (nothing to save) or a deliberate second Ctrl-C (abort).
 
     The stop-signal handler covers the whole run, from before the process group is created to the last file
-    written (the rule is in signals.py)."""
+    written (the rule is in signals.py). Pass an installed `signals.StopRequest` as `stop` to keep it beyond the
+    run (train.py keeps it until the process exits); without one, the handler is installed here and removed at
+    the end."""
     import errno
 
     import torch.distributed as dist
@@ -28,7 +30,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
     from .recipe import LoRARecipe
     from .signals import StopRequest
 
-    stop = StopRequest().install()
+    own_handler = stop is None
+    stop = StopRequest().install() if own_handler else stop
     env = None
     ok = False
     try:
@@ -53,4 +56,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
             elif env is not None and env.initialized and dist.is_initialized():
                 dist.destroy_process_group()
         finally:
-            stop.restore()
+            if own_handler:
+                stop.restore()
+            else:
+                stop.settle()

@@ -136,29 +136,80 @@ def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
     return [p for d in (checkpoint_root(out), out, out / "best", out / "final") for p in remove_stale(d)]
 
 
-def check_resume_compatible(state: dict, record: dict, cfg, world_size: int, ckpt: Path) -> None:
-    """Settings that define the data order or the adapter must match, or the run would not continue exactly
-    (the LR, schedule, --max_steps, logging and checkpoint cadence may change). `record` is the checkpoint's
-    train_args.json."""
-    problems = [f"{k}: checkpoint {state.get(k)!r}, now {v!r}"
-                for k, v in (("world_size", world_size), ("batch_size", cfg.batch_size), ("seed", cfg.seed))
-                if state.get(k) != v]
-    saved = record.get("args", {})
-    if saved.get("max_tokens_per_batch") != cfg.max_tokens_per_batch:  # (absent: a run without packing)
-        problems.append(f"--max_tokens_per_batch: checkpoint {saved.get('max_tokens_per_batch')!r}, now "
-                        f"{cfg.max_tokens_per_batch!r}")
-    for k in ("val_fraction", "lora_r", "lora_alpha", "lora_targets"):
-        if k in saved and saved[k] != getattr(cfg, k):
-            problems.append(f"--{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}")
-    if "train_manifest" in saved and Path(saved["train_manifest"]).resolve() != Path(cfg.train_manifest).resolve():
-        problems.append(f"--train_manifest: checkpoint {saved['train_manifest']}, now {cfg.train_manifest}")
+# What a resume may change (each change is printed): the LR schedule, the length of the run, the cadence of logs,
+# validation, checkpoints and samples, the runtime. What it may not: everything that decides the data order, the
+# split or the adapter's shape (`MUST_MATCH`), and the number of processes (each has its own RNG streams).
+MUST_MATCH = ("shards", "batch_size", "max_tokens_per_batch", "seed", "val_fraction", "lora_r", "lora_alpha",
+              "lora_targets")
+NOT_SETTINGS = ("resume", "output_dir")  # where the run is, not how it trains
+
+
+def _same(key: str, old, new) -> bool:
+    if key == "shards":
+        return old is None or Path(old).resolve() == Path(new).resolve()
+    return old == new
+
+
+def check_resume_compatible(state: dict, record: dict, cfg, world_size: int, ckpt: Path) -> list[str]:
+    """Refuse a resume whose settings would not continue the run exactly (a `ResumeError` listing each `--flag`
+    with its checkpoint and current value); return the changes it may make, as "--flag OLD -> NEW". `record` is
+    the checkpoint's train_args.json (its "args": the settings of the run that wrote it)."""
+    saved = dict(record.get("args", {}))
+    if "train_manifest" in saved:  # (the former name of --shards)
+        saved.setdefault("shards", saved.pop("train_manifest"))
+    for k in ("batch_size", "seed"):  # (also in the trainer state, for checkpoints without train_args.json)
+        if k in state:
+            saved.setdefault(k, state[k])
+    now = vars(cfg)
+    problems = []
+    if state.get("world_size") != world_size:
+        problems.append(f"the number of processes: checkpoint {state.get('world_size')}, now {world_size} "
+                        f"(torchrun --nproc_per_node)")
+    if "batch_size" in saved:  # (a checkpoint without a record of max_tokens_per_batch did not pack)
+        saved.setdefault("max_tokens_per_batch", None)
+    problems += [f"--{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in MUST_MATCH
+                 if k in saved and not _same(k, saved[k], now[k])]
     if problems:
         raise ResumeError(f"--resume {ckpt}: the run cannot continue exactly with different settings: "
-                          + "; ".join(problems))
+                          + "; ".join(problems) + " (resume with the checkpoint's values, or start a new "
+                                                  "--output_dir)")
+    return [f"--{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k in saved and k not in MUST_MATCH + NOT_SETTINGS and saved[k] != v]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # saving
+
+
+class _RememberedWrites:
+    """A binary file whose first failed write (its OSError) is remembered: torch's zip writer turns an OSError
+    raised by a write into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ..." (a full disk
+    then reads as a torch bug)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)`, where a failed write (a full disk, a quota) raises its own OSError."""
+    with open(path, "wb") as f:
+        out = _RememberedWrites(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
@@ -213,8 +264,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
             if env.is_main:
                 full = {**state, "step": step, "world_size": env.world_size, "optimizer": opt_state, "rng": rngs,
                         "version": 1}
-                with open(tmp / STATE_FILE, "wb") as f:  # (a file object: a full disk is an OSError, not an
-                    torch.save(full, f)                  # opaque RuntimeError of torch's own writer)
+                with writing(final / STATE_FILE, WRITE_HINT):
+                    save_torch_file(full, tmp / STATE_FILE)
                 summary = {k: v for k, v in full.items() if k not in ("optimizer", "scheduler", "rng")}
                 (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str))
                 (tmp / ARGS_FILE).write_text(json.dumps(args_record, indent=2, default=str))

@@ -1,15 +1,15 @@
 """`TrainConfig`: every setting of a training run, with its command-line flag, default and help in one place.
 
-`train.py` builds its argparse parser from these fields (`build_parser`), so a flag is declared once; the
+`train.py` builds its flags from these fields (`minihiggs.cli`), so a flag is declared once; the
 validation of combinations lives in `TrainConfig.validate` (a `TrainConfigError`, never `SystemExit`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..cli import flag as _flag, parse_flags
 from ..constants import DEFAULT_BASE_REPO
 from ..errors import TrainConfigError
 from ..lora.apply import DEFAULT_TARGETS
@@ -19,14 +19,11 @@ from .schedule import SCHEDULES
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
 
 
-def _flag(default, help: str, group: str, **argparse_kw):
-    return field(default=default, metadata={"help": help, "group": group, **argparse_kw})
-
-
 @dataclass
 class TrainConfig:
     # -- data and output
-    train_manifest: str = _flag(None, "prepared shard directory (prep.py --out)", "data and output", required=True)
+    shards: str = _flag(None, "the directory of shards prep.py wrote (its --out), not a manifest file",
+                        "data and output", required=True, aliases=("--train_manifest",), metavar="DIR")
     output_dir: str = _flag(None, "run directory (metrics, checkpoints, adapters)", "data and output", required=True)
     base_ckpt: str = _flag(DEFAULT_BASE_REPO, "base checkpoint directory or Hub repo id", "data and output")
     val_fraction: float = _flag(0.05, "validation share, chosen by a stable hash of each sample id (same for every "
@@ -75,11 +72,13 @@ class TrainConfig:
     sample_steps: int | None = _flag(None, "write audio samples every N steps, at step 0 and at the end (0: off; "
                                            "default: with every validation)", "samples")
     sample_prompts: str | None = _flag(None, "what the samples say: a JSONL in the generate command's format "
-                                             "(default: a few validation samples, each with its speaker's reference)",
+                                             "(default: 4 validation samples on CUDA, 1 on CPU, each with its "
+                                             "speaker's reference)",
                                        "samples")
     sample_codec: str | None = _flag(None, "audio tokenizer that decodes the samples (default: the one prep used, "
                                            "from the shards' index)", "samples")
-    sample_max_frames: int = _flag(500, "decoding iterations per sample (25 per second of audio)", "samples")
+    sample_max_frames: int = _flag(500, "decoding iterations per sample at most (25 per second of audio); a default "
+                                        "sample also stops at twice its own recorded length", "samples")
 
     def validate(self) -> "TrainConfig":
         if self.lora_targets is not None:
@@ -103,30 +102,6 @@ class TrainConfig:
         return self
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """The argparse parser of train.py: one flag per `TrainConfig` field, grouped as declared."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        group = groups.setdefault(meta.pop("group"), ap.add_argument_group(f.metadata["group"]))
-        kw = {"help": meta.pop("help"), **meta}
-        if "required" not in kw:
-            kw["default"] = f.default
-        if isinstance(f.default, bool) and "action" not in kw:
-            kw["action"] = "store_true"
-        elif "action" not in kw:
-            kw["type"] = _scalar_type(f.type)
-        group.add_argument(f"--{f.name}", **kw)
-    return ap
-
-
-def _scalar_type(annotation: str):
-    base = annotation.replace(" | None", "").replace("list[", "").rstrip("]")
-    return {"int": int, "float": float, "str": str}[base]
-
-
 def parse_train_args(argv: list[str] | None = None, description: str = "") -> TrainConfig:
     """Flags -> a validated TrainConfig. Malformed flags exit through argparse (code 2, usage line)."""
-    ns = build_parser(description).parse_args(argv)
-    return TrainConfig(**vars(ns)).validate()
+    return parse_flags(TrainConfig, argv, prog="train.py", description=description).validate()

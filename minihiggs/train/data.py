@@ -7,6 +7,7 @@ with `--max_tokens_per_batch` one packed row of samples filling a token budget (
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import signal
 import weakref
 
@@ -128,7 +129,10 @@ class LoaderBatches:
     exit (e.g. kept alive by a traceback) is closed then, before Python's own wait for its child processes."""
 
     def __init__(self, loader: torch.utils.data.DataLoader):
+        before = {p.pid for p in multiprocessing.active_children()}
         self._it = iter(loader)
+        # This pass's worker processes: the children that `iter` started (torch keeps its own list private).
+        self.workers = [p for p in multiprocessing.active_children() if p.pid not in before]
         _OPEN.add(self)
 
     def __next__(self) -> Batch:
@@ -143,10 +147,14 @@ class LoaderBatches:
         _OPEN.discard(self)
         if it is None:
             return
-        shutdown = getattr(it, "_shutdown_workers", None)  # (no public API; the iterator's __del__ calls it)
+        # torch's orderly shutdown (tells the workers to exit, waits a few seconds, then terminate(): ignored by
+        # them) has no public name; the iterator's __del__ calls it. Without it (another torch), the workers are
+        # killed below at once: they hold nothing that needs an orderly end.
+        shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()  # tells the workers to exit, waits a few seconds, then terminate(): ignored by them, so
-        for w in getattr(it, "_workers", []):
+            shutdown()
+        del it
+        for w in self.workers:
             if w.is_alive():  # a worker still busy (or stuck) after that: no more waiting
                 w.kill()
                 w.join(timeout=5)

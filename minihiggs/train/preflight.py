@@ -2,8 +2,8 @@
 every problem a user can fix is then one `train.py: error:` line within seconds, not a traceback minutes in.
 
 The resume checkpoint (trainer state and adapter file) is checked by `checkpointing.load_trainer_state`, the
-shards by `ShardDataset` and `data.check_dataset`; this module holds the output directory and the base
-checkpoint's configuration.
+shards' contents by `ShardDataset` and `data.check_dataset`; this module holds the output directory, what
+`--shards` names (prep's output, not a manifest) and the base checkpoint's configuration.
 """
 
 from __future__ import annotations
@@ -14,8 +14,27 @@ import uuid
 from pathlib import Path
 
 from ..config import HiggsConfig
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, OutputError, ShardError
 from ..model.checkpoint import resolve_checkpoint
+
+
+def check_shards_dir(shards: Path, out: Path) -> None:
+    """`--shards` is a directory prep.py wrote (an index.json in it), and `--output_dir` is not it or inside it
+    (run files would mix with the shards, and prep.py --overwrite would delete them)."""
+    if shards.is_file():
+        raise ShardError(f"--shards {shards}: a file, not the directory of shards prep.py writes; for a manifest, "
+                         f"run prep.py first: python prep.py --manifest {shards} --out {shards.parent / 'shards'} "
+                         f"--base_ckpt BASE, then train with --shards {shards.parent / 'shards'}")
+    if not shards.is_dir():
+        raise ShardError(f"--shards {shards}: no such directory (give the --out directory of prep.py; run "
+                         f"prep.py first)")
+    if not (shards / "index.json").is_file() and not any(shards.glob("shard-*.json")):
+        raise ShardError(f"--shards {shards}: no index.json, not a directory prep.py wrote (give its --out "
+                         f"directory; run prep.py first)")
+    s, o = shards.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise OutputError(f"--output_dir {out}: is {'the' if o == s else 'inside the'} --shards directory {shards} "
+                          f"(run files would mix with the shards; choose another --output_dir)")
 
 
 def check_output_dir(out: Path) -> None:

@@ -7,10 +7,13 @@
 One optimizer step = `--grad_accum` micro-batches of `--batch_size` samples (or, with `--max_tokens_per_batch`, of one
 packed row of samples filling that token budget) on every rank. The step's loss is
 normalised by the step's *global* target counts (all micro-batches, all ranks), so the update equals that of one
-batch holding all of them, whatever the split across micro-batches and devices (`step.train_step`).
+batch holding all of them, whatever the split across micro-batches and devices
+(`step.forward_backward`).
 
-Everything a resume needs is in `self.state` (a `TrainState`) plus the optimizer, scheduler, sampler position and
-RNG streams, all written by `checkpointing.save_checkpoint` and read back in `setup` by the same names.
+Everything a resume needs is in `self.state` (a `TrainState`: the step, the data position as epoch + micro-batches
+consumed, the best-validation bookkeeping) plus the optimizer, the scheduler's step count and every rank's RNG
+streams, all written by `checkpointing.save_checkpoint` and read back in `restore`. The sampler keeps no state of
+its own: it is positioned from `state` at every epoch start (`set_epoch`, `skip`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from .config import TrainConfig
 from .data import LoaderBatches, check_dataset, train_loader, train_sampler, validation_set
 from .distributed import DistEnv, all_reduce_max, all_reduce_sum, is_fsdp, wrap_model
 from .guard import UpdateGuard
-from .preflight import check_output_dir, read_model_config
+from ..hub import resolved_revision
+from .preflight import check_output_dir, check_shards_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
 from .samples import TrainingSamples
 from .state import TrainState
-from .step import evaluate, loss_fields, train_step
+from .step import evaluate, forward_backward, loss_fields
 
 MAX_NONFINITE_IN_A_ROW = 5
 BROKEN_UPDATE = "update (finite loss and gradients, but the new LoRA weights were non-finite or too large: lower --lr)"
@@ -90,6 +94,38 @@ class LoRARecipe:
         self.state = TrainState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
         self.pbar = None  # the progress bar while the loop runs; messages go through it so they do not tear it
         self.plot_note_shown = False
+        self.nonfinite_run = 0  # rejected updates in a row
+        # Filled by the setup steps, in this order (declared here: every attribute of a recipe in one place).
+        # setup_output
+        self.resume_from: Path | None = None  # the checkpoint resumed from
+        self.saved: dict | None = None  # its trainer state
+        self.resume_changes: list[str] = []  # the settings changed since it ("--lr 0.001 -> 0.0005")
+        self.log = None  # the metric logger (metrics.jsonl and the --report_to sinks)
+        # setup_data
+        self.ds: ShardDataset | None = None
+        self.train_idx: list[int] = []
+        self.val_idx: list[int] = []
+        self.sampler = None  # this rank's resumable batch sampler (positioned from `state` at every epoch start)
+        self.n_batches = 0  # this rank's micro-batches per epoch
+        self.steps_per_epoch = 0
+        self.warmup = 0  # warmup steps
+        self.samples: TrainingSamples | None = None
+        # setup_model
+        self.dtype = torch.float32  # the base model's
+        self.use_compile = False
+        self.lora_report = None
+        self.model = None  # the unwrapped model
+        self.train_model = None  # what the forward goes through: the model, DDP(model) or the FSDP2-sharded model
+        self.loader = None  # the training DataLoader
+        self.val_set: list = []  # this rank's collated validation batches
+        # setup_optimizer
+        self.params: list[torch.nn.Parameter] = []  # the trainable (LoRA) parameters
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.guard: UpdateGuard | None = None
+        self.scheduler = None
+        # restore
+        self.last_saved = -1  # the step of the newest checkpoint of this run (-1: none)
+        self.last_val = -1  # the step of the last validation (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -102,6 +138,7 @@ class LoRARecipe:
     def setup_output(self) -> None:
         """The resume point (--resume), stale temporaries of a killed run, and the metric logger."""
         cfg, env = self.cfg, self.env
+        check_shards_dir(Path(cfg.shards), self.out)
         check_output_dir(self.out)
         self.resume_from = ckpt_io.resolve_resume(cfg.resume, self.out)
         if self.resume_from is None and ckpt_io.list_checkpoints(self.out):
@@ -109,8 +146,8 @@ class LoRARecipe:
                               f"--output_dir")
         self.saved = ckpt_io.load_trainer_state(self.resume_from) if self.resume_from is not None else None
         if self.saved is not None:
-            ckpt_io.check_resume_compatible(self.saved, ckpt_io.read_args_record(self.resume_from), cfg,
-                                            env.world_size, self.resume_from)
+            self.resume_changes = ckpt_io.check_resume_compatible(
+                self.saved, ckpt_io.read_args_record(self.resume_from), cfg, env.world_size, self.resume_from)
         if env.is_main:
             ckpt_io.remove_stale_temporaries(self.out)
         self.log = make_logger(self.out, enabled=env.is_main, report_to=cfg.report_to, config=self.record["args"],
@@ -119,7 +156,7 @@ class LoRARecipe:
     def setup_data(self) -> None:
         """Shards, the stable train/val split, this rank's length-bucketed sampler and the validation batches."""
         cfg, env = self.cfg, self.env
-        self.ds = ShardDataset(cfg.train_manifest)
+        self.ds = ShardDataset(cfg.shards)
         self.train_idx, self.val_idx = self.ds.split(cfg.val_fraction)
         self.sampler = train_sampler(self.ds, self.train_idx, cfg.batch_size, cfg.max_tokens_per_batch, cfg.seed,
                                      env.rank, env.world_size)
@@ -132,7 +169,8 @@ class LoRARecipe:
         self.steps_per_epoch = math.ceil(self.n_batches / cfg.grad_accum)
         self.state.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
-        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say)
+        self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say,
+                                       self.stop)
 
     def setup_model(self) -> None:
         """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
@@ -142,6 +180,9 @@ class LoRARecipe:
         self.dtype = dtype
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         ckpt_dir, model_cfg = read_model_config(cfg.base_ckpt)
+        # Which weights exactly: the resolved folder and, for a Hub checkpoint, the commit (train_args.json).
+        self.record["base_dir"] = str(Path(ckpt_dir).resolve())
+        self.record["base_revision"] = resolved_revision(ckpt_dir)
         check_dataset(self.ds, model_cfg)  # before the weights load: a mismatch is an error within seconds
         model = load_model(ckpt_dir, dtype=dtype, device=self.device)
         self.lora_report = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -193,8 +234,7 @@ class LoRARecipe:
             (self.pbar.write if self.pbar is not None else print)(msg)
 
     def checkpoint_state(self) -> dict:
-        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val,
-                "sampler": self.sampler.state_dict(batches_done=self.state.batches_in_epoch)}
+        return {**self.state.to_dict(), "scheduler": self.scheduler.state_dict(), "last_val": self.last_val}
 
     def save(self, reason: str) -> Path:
         s = self.state
@@ -233,8 +273,9 @@ class LoRARecipe:
                       "audio_targets": rep["audio_targets"], "best": improved})
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
-        self.render_plot()  # redrawn at every validation: a running job can be looked at
-        self.samples.maybe_write(self.train_model, s.step, validated=True)
+        if self.stop.signal is None:  # (after a stop request the plot comes after the checkpoint)
+            self.render_plot()  # redrawn at every validation: a running job can be looked at
+        self.samples.maybe_write(self.train_model, s.step, validated=True)  # (skipped after a stop request)
         return rep
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
@@ -266,7 +307,6 @@ class LoRARecipe:
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
                          dynamic_ncols=True, mininterval=1.0)
         window = LogWindow()  # the current --log_steps window
-        self.nonfinite_run = 0
         batches: LoaderBatches | None = None
         try:
             while s.step < s.total_steps and stop_reason is None:
@@ -304,7 +344,7 @@ class LoRARecipe:
         """Forward + backward over the step's micro-batches, one all-reduce (loss sums and counts, tokens, whether
         any rank was signalled), then the guarded update. A rejected (non-finite) update is logged here."""
         K = self.model.config.audio_num_codebooks
-        res = train_step(self.train_model, micro, self.device, self.env.world_size, K)
+        res = forward_backward(self.train_model, micro, self.device, self.env.world_size, K)
         vec = all_reduce_sum(torch.cat([res.sums.as_vector(), torch.tensor(
             [res.tokens, 1.0 if self.stop.signal else 0.0], dtype=torch.float64, device=self.device)]))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -323,21 +363,21 @@ class LoRARecipe:
         return StepOutcome(vec[:2 + 2 * K], int(vec[-2]), bool(vec[-1] > 0), loss, grad_norm, lr, accepted)
 
     def after_step(self, step: "StepOutcome", window: "LogWindow") -> str | None:
-        """What follows an optimizer step, in order: the non-finite stop, the train log, validation (early stop),
-        audio samples, the checkpoint, a stop request. Returns why the loop must stop, or None."""
+        """What follows an optimizer step, in order: the non-finite stop, the train log, a stop request (the
+        checkpoint comes first: no validation or samples), validation (early stop), audio samples, a stop request
+        that arrived during them, the checkpoint. Returns why the loop must stop, or None."""
         cfg, s = self.cfg, self.state
         if self.nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
             return "nonfinite"
+        self.log_train(step, window)
+        if step.stop_requested:
+            return "signal"
         stop_reason = None
-        if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
-            if window.sums is not None:
-                rep = LossSums.from_vector(window.sums).report()
-                self.log.log({"split": "train", "step": s.step,
-                              "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4), **loss_fields(rep),
-                              "lr": step.lr, "grad_norm": step.grad_norm,
-                              "tokens_per_s": round(window.tokens_per_s(), 1), "tokens": s.tokens})
-            window.reset()
-        if self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0:
+        val_due = bool(self.val_set and cfg.val_steps and s.step % cfg.val_steps == 0)
+        # Validation and samples take long: a stop request during them must not wait for another step. (Every
+        # rank knows whether they were due, so every rank takes part in the check, a collective.)
+        long_work = val_due or self.samples.due(s.step, validated=val_due)
+        if val_due:
             if self.validate() is None:
                 stop_reason = "signal"
             elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
@@ -347,14 +387,26 @@ class LoRARecipe:
                 self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
                          f"(best {s.best_val:.4f} at step {s.best_step})")
         self.samples.maybe_write(self.train_model, s.step)
+        if long_work and stop_reason is None and self.stop_agreed():
+            return "signal"
         if cfg.save_steps and s.step % cfg.save_steps == 0:
             if self.nonfinite_run == 0:
                 self.save("save_steps")
             else:  # never let a checkpoint of a non-finite streak replace the good ones
                 self.say(f"step {s.step}: checkpoint skipped (this update was non-finite)")
-        if step.stop_requested and stop_reason is None:
-            stop_reason = "signal"
         return stop_reason
+
+    def log_train(self, step: "StepOutcome", window: "LogWindow") -> None:
+        """The train metrics of the --log_steps window, at its end."""
+        cfg, s = self.cfg, self.state
+        if s.step % cfg.log_steps == 0 or s.step == s.total_steps:
+            if window.sums is not None:
+                rep = LossSums.from_vector(window.sums).report()
+                self.log.log({"split": "train", "step": s.step,
+                              "epoch": round(s.epoch + s.batches_in_epoch / self.n_batches, 4), **loss_fields(rep),
+                              "lr": step.lr, "grad_norm": step.grad_norm,
+                              "tokens_per_s": round(window.tokens_per_s(), 1), "tokens": s.tokens})
+            window.reset()
 
     def clip_gradients(self) -> torch.Tensor:
         from ..wrappers import full_tensor
@@ -389,9 +441,12 @@ class LoRARecipe:
             if self.resume_from is not None:
                 print(f"resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
                       f"{s.batches_in_epoch})")
+                if self.resume_changes:
+                    print(f"settings changed since the checkpoint: {', '.join(self.resume_changes)}")
         if self.saved is not None:
             self.log.truncate_after(s.step)
-            self.log.log({"event": "resume", "step": s.step, "from": str(self.resume_from)})
+            self.log.log({"event": "resume", "step": s.step, "from": str(self.resume_from),
+                          "changed": self.resume_changes})
         else:
             self.log.log({"event": "start", "step": 0, "world_size": env.world_size,
                           "train_samples": len(self.train_idx), "val_samples": len(self.val_idx),
@@ -413,9 +468,10 @@ class LoRARecipe:
             return 1
         if stop_reason is None and self.val_set and self.last_val != s.step and self.validate() is None:
             stop_reason = "signal"  # interrupted final validation: the resumed run redoes it, then writes final/
+        if stop_reason is None and self.stop_agreed():  # (a request during the final samples, or after the loop)
+            stop_reason = "signal"
         if stop_reason == "signal":
-            return self.finish_stopped(signal_name)
-        self.samples.maybe_write(self.train_model, s.step, final=True)
+            return self.finish_stopped(signal_name or self.stop.signal)
         if self.last_saved != s.step:
             self.save("end")
         ckpt_io.save_adapter_all_ranks(
@@ -423,6 +479,7 @@ class LoRARecipe:
             info=("final.json", {"step": s.step, "best_step": s.best_step,
                                  "best_val": None if math.isinf(s.best_val) else s.best_val,
                                  "stop_reason": stop_reason or "done"}))
+        self.samples.maybe_write(self.train_model, s.step, final=True)  # (after the checkpoint: it may be abandoned)
         self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
         png = self.render_plot()
         self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "

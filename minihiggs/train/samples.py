@@ -10,6 +10,11 @@ Rank 0 writes `output_dir/samples/step-N/<name>.wav` + `<name>.npy` (the directo
 rename) and a metrics.jsonl record `{"event": "samples", "step": N, "dir": ..., "files": [...]}`. The other ranks
 do not wait for it at any barrier: they go on to the next step and meet rank 0 at its first collective.
 
+Cost: decoding runs one forward per audio frame. A default sample (a validation sample) decodes at most twice its
+own recorded length (plus the codebook delay), never more than `--sample_max_frames`; on CPU one sample is
+written instead of DEFAULT_COUNT. A stop request (SIGTERM, Ctrl-C) skips samples or abandons the ones being
+written: the checkpoint comes first.
+
 The training streams are untouched: decoding uses its own seeded `torch.Generator`, the model runs in eval
 mode (no dropout draws) and every RNG state (python, numpy, torch, CUDA) is saved before and restored after,
 so a run with samples and a resumed run stay bitwise identical to one without.
@@ -39,8 +44,11 @@ from ..text.tokenizer import TextTokenizer
 from ..wrappers import unwrap
 from .checkpointing import rng_state, set_rng_state
 from .distributed import DistEnv, is_fsdp
+from .signals import StopRequest
 
-DEFAULT_COUNT = 4  # validation samples used when no --sample_prompts is given
+DEFAULT_COUNT = 4  # validation samples used when no --sample_prompts is given (on CUDA)
+DEFAULT_COUNT_CPU = 1  # ... on CPU, where each costs seconds to minutes
+LENGTH_FACTOR = 2  # a default sample decodes at most this many times its recorded audio length
 
 
 def _safe(name: str) -> str:
@@ -51,9 +59,10 @@ class TrainingSamples:
     """Decides when samples are due and writes them (rank 0). Build on every rank; call `maybe_write` on every
     rank at the same points (the decision is the same everywhere; only rank 0 works)."""
 
-    def __init__(self, cfg, ds: ShardDataset, train_idx: list[int], val_idx: list[int], env: DistEnv, log, say):
+    def __init__(self, cfg, ds: ShardDataset, train_idx: list[int], val_idx: list[int], env: DistEnv, log, say,
+                 stop: StopRequest):
         self.cfg, self.ds, self.train_idx, self.val_idx, self.env = cfg, ds, train_idx, val_idx, env
-        self.log, self.say = log, say
+        self.log, self.say, self.stop = log, say, stop
         self.every = cfg.sample_steps  # None: with every validation; 0: off
         self.out = Path(cfg.output_dir) / "samples"
         self.last_step: int | None = None
@@ -63,7 +72,10 @@ class TrainingSamples:
             read_prompts(cfg.sample_prompts, self.out, DEFAULT_SCENE) if cfg.sample_prompts else None
         self._ready = False
         self._prompts: list[Prompt] = []
+        self._frames: list[int] = []  # each prompt's decoding budget
         self._codec = None
+        self.tok = None
+        self.stop_tokens: tuple[int, ...] = ()
 
     # ---- when ---------------------------------------------------------------------------------------------------
     def due(self, step: int, validated: bool = False, final: bool = False) -> bool:
@@ -78,7 +90,7 @@ class TrainingSamples:
         if not self.due(step, validated, final):
             return
         self.last_step = step
-        if not self.env.is_main:
+        if not self.env.is_main or self.stop.signal is not None:  # (a stop request: the checkpoint comes first)
             return
         if is_fsdp(train_model):
             self._disable("samples need the whole model on rank 0; not available with --fsdp")
@@ -86,13 +98,19 @@ class TrainingSamples:
         states = rng_state(self.env.device)
         model = unwrap(train_model)
         was_training = model.training
+        written = False
         try:
-            self._write(model, step)
+            with self.stop.abandonable():
+                self._write(model, step)
+                written = True
         except Exception as e:  # a bad reference, a missing tokenizer, OOM: say so, never fail the run for samples
             self._disable(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
         finally:
             model.train(was_training)
             set_rng_state(states, self.env.device)
+        if not written and self.stop.signal is not None:
+            self.log.log({"event": "samples_abandoned", "step": step, "signal": self.stop.signal})
+            self.say(f"step {step}: samples abandoned ({self.stop.signal}: the checkpoint comes first)")
 
     def _disable(self, why: str) -> None:
         self.enabled = False
@@ -106,14 +124,15 @@ class TrainingSamples:
         if not (ckpt / "tokenizer.json").is_file():
             raise UserError(f"{ckpt}: no tokenizer.json (samples need the text tokenizer)")
         self.tok = TextTokenizer.from_dir(ckpt)
-        self.stop = tuple(self.tok.token_id(n) for n in STOP_TOKEN_NAMES)
+        self.stop_tokens = tuple(self.tok.token_id(n) for n in STOP_TOKEN_NAMES)
         codec = self.cfg.sample_codec or self.ds.index.get("codec") or DEFAULT_CODEC_REPO
         refs = References(self.tok, cfg, str(codec), self.env.device, str(self.ds.path))
         if self.items is not None:
             self._prompts = [tts_prompt(self.tok, it.text, scene=it.scene, reference=refs.resolve(it), name=it.name)
                              for it in self.items]
+            self._frames = [self.cfg.sample_max_frames] * len(self._prompts)
         else:
-            self._prompts = self._default_prompts(cfg)
+            self._prompts, self._frames = self._default_prompts(cfg)
         try:
             self._codec = refs.decoder()
         except UserError as e:
@@ -121,18 +140,21 @@ class TrainingSamples:
             self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only")
         self._ready = True
 
-    def _default_prompts(self, cfg) -> list[Prompt]:
-        """Up to DEFAULT_COUNT validation samples, one per speaker first; a sample without a reference of its own
-        gets another utterance of its speaker (from the training split when there is one) as the reference."""
+    def _default_prompts(self, cfg) -> tuple[list[Prompt], list[int]]:
+        """Up to DEFAULT_COUNT validation samples (DEFAULT_COUNT_CPU on CPU), one per speaker first, and their
+        decoding budgets (LENGTH_FACTOR x the sample's own audio, + the codebook delay, at most
+        --sample_max_frames); a sample without a reference of its own gets another utterance of its speaker (from
+        the training split when there is one) as the reference."""
         ds = self.ds
+        count = DEFAULT_COUNT if self.env.device.type == "cuda" else DEFAULT_COUNT_CPU
         by_speaker: dict = {}
         for i in self.val_idx:
             by_speaker.setdefault(ds.speakers[i], []).append(i)
         order = [lst[0] for _, lst in sorted(by_speaker.items(), key=lambda kv: str(kv[0]))]
         rest = [i for i in self.val_idx if i not in order]
-        prompts = []
+        prompts, frames = [], []
         for i in (order + rest):
-            if len(prompts) == DEFAULT_COUNT:
+            if len(prompts) == count:
                 break
             s = ds[i]
             if cfg.audio_in_token_id in s.input_ids.tolist():
@@ -146,7 +168,9 @@ class TrainingSamples:
                 if pool:
                     ref = reference_from_sample(ds[pool[0]], self.tok, cfg)
             prompts.append(prompt_from_sample(s, self.tok, cfg, reference=ref, name=_safe(ds.sample_ids[i])))
-        return prompts
+            own = int(s.audio_codes[-1].shape[-1]) if s.audio_codes else self.cfg.sample_max_frames
+            frames.append(min(self.cfg.sample_max_frames, LENGTH_FACTOR * own + cfg.audio_num_codebooks))
+        return prompts, frames
 
     @torch.no_grad()
     def _write(self, model, step: int) -> None:
@@ -155,8 +179,8 @@ class TrainingSamples:
             self._setup(model)
         seed = self.cfg.seed
         sampling = SamplingConfig(temperature=0.7, top_p=0.95, ras_win_len=7, ras_win_max_num_repeat=2, seed=seed)
-        reqs = [Request(p, sampling, self.cfg.sample_max_frames) for p in self._prompts]
-        gens = Engine(model, stop_tokens=self.stop, cuda_graphs=False).generate(reqs)
+        reqs = [Request(p, sampling, n) for p, n in zip(self._prompts, self._frames)]
+        gens = Engine(model, stop_tokens=self.stop_tokens, cuda_graphs=False).generate(reqs)
         final = self.out / f"step-{step:08d}"
         files = []
         with atomic_dir(final, replace=True) as tmp:

@@ -61,10 +61,11 @@ def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: di
     The step count comes from the checkpoint; the base LR and the shape from now. With unchanged settings the
     LRs are bitwise the ones the uninterrupted run uses (the same `base * factor(step)` expression).
     Call after the optimizer's state is loaded."""
-    scheduler.load_state_dict(state)
     groups = scheduler.optimizer.param_groups
-    scheduler.base_lrs = [float(lr) for _ in groups]
-    for g, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        g["initial_lr"] = base
-        g["lr"] = base * fn(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in groups]
+    base = [float(lr) for _ in groups]
+    lrs = [b * fn(int(state["last_epoch"])) for b, fn in zip(base, scheduler.lr_lambdas)]
+    # (the state dict's own keys: base_lrs, and _last_lr, what get_last_lr() reports)
+    scheduler.load_state_dict({**state, "base_lrs": base, "_last_lr": lrs})
+    for g, b, value in zip(groups, base, lrs):
+        g["initial_lr"] = b
+        g["lr"] = value

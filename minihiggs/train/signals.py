@@ -15,6 +15,10 @@ The rule (also in the README, "Training"):
 
 `Interrupted` is raised from the handler for the two "at once" cases; it derives from KeyboardInterrupt, so no
 `except Exception` on the way up swallows it, and `finally` blocks (DataLoader workers, process group) still run.
+
+Work that only costs time and can be dropped (audio samples while training) runs inside `StopRequest.abandonable()`:
+a stop request there ends that work at once, so the checkpoint that follows is not kept waiting past a scheduler's
+grace period.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 GRACE_S = 3.0  # repeats within this many seconds of the first signal are copies of it (see the module doc)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -38,6 +44,11 @@ class Interrupted(KeyboardInterrupt):
         self.signal_name, self.abort = signal_name, abort
 
 
+class Abandoned(BaseException):
+    """Raised inside an `abandonable()` section by a stop request; the section's with-statement ends quietly.
+    (A BaseException: an `except Exception` inside the abandoned work must not swallow it.)"""
+
+
 class StopRequest:
     """Installs the handler of both stop signals; `signal` holds the first one's name once one arrived.
 
@@ -48,8 +59,10 @@ class StopRequest:
         self.grace_s = grace_s
         self.signal: str | None = None
         self.deferred = False
+        self.settled = False  # the run is over (see `settle`)
         self._first_at = 0.0
         self._said_repeat = False
+        self._abandon = False  # inside an `abandonable()` section
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
@@ -71,15 +84,39 @@ class StopRequest:
         """From now on a stop request waits for the loop's next safe point (a checkpoint is written there)."""
         self.deferred = True
 
+    @contextmanager
+    def abandonable(self) -> Iterator[None]:
+        """A stop request arriving while the body runs interrupts it (an `Abandoned` raised inside it, caught here).
+        Callers skip the work when `signal` is already set, and read `signal` afterwards to know."""
+        self._abandon = True
+        try:
+            yield
+        except Abandoned:
+            pass
+        finally:
+            self._abandon = False
+
+    def settle(self) -> None:
+        """The run is over (its checkpoint written): from now to the process exit a signal is noted and ignored.
+        The handler stays installed: a late copy (torchrun forwards the scheduler's SIGTERM at any time) must not
+        meet the default handler, which kills the process without a word."""
+        self.deferred, self.settled = True, True
+
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         now = time.monotonic()
+        if self.settled:
+            _say(f"{name} received: the run is over, exiting")
+            return
         if self.signal is None:
             self.signal, self._first_at = name, now
             if not self.deferred:
                 raise Interrupted(name, abort=False)
             _say(f"\n{name} received: finishing this optimizer step, then saving a checkpoint (exit 0). A Ctrl-C "
                  f"more than {self.grace_s:g} s from now aborts without a checkpoint.")
+            if self._abandon:
+                self._abandon = False  # (raised once: never again outside the section)
+                raise Abandoned(name)
             return
         if signum == signal.SIGINT and now - self._first_at > self.grace_s:
             raise Interrupted(name, abort=True)

@@ -1,7 +1,8 @@
 """`TrainState`: the loop's bookkeeping, saved into every checkpoint and restored from it by the same code.
 
-What is *not* here is saved next to it by `checkpointing.save_checkpoint`: the optimizer, the LR scheduler's
-step count, the data sampler's position and every rank's RNG streams.
+The data position is here (`epoch`, `batches_in_epoch`) and nowhere else: the resumed sampler is positioned from
+it. What is *not* here is saved next to it by `checkpointing.save_checkpoint`: the optimizer, the LR scheduler's
+step count and every rank's RNG streams.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class TrainState:
     best_val: float = math.inf
     best_step: int | None = None
     bad_evals: int = 0  # validations since the last new best (early stopping)
-    # run settings that a resume must match (see `checkpointing.check_resume_compatible`)
+    # the run's settings when saved: batch_size and seed must match on resume, grad_accum and total_steps may
+    # change (see `checkpointing.check_resume_compatible`)
     batch_size: int = 0
     grad_accum: int = 0
     seed: int = 0

@@ -1,4 +1,5 @@
-"""One optimizer step's forward/backward over its micro-batches, and validation.
+"""The forward + backward of one optimizer step's micro-batches (`forward_backward`; the update itself is the
+recipe's), and validation.
 
 Both are the only places the model is called during training, so the normalisation rule lives here once: every
 loss is a sum divided by the step's (or the validation set's) *global* target counts.
@@ -23,7 +24,7 @@ class StepResult:
     tokens: int  # this rank's non-padding positions
 
 
-def train_step(model: torch.nn.Module, micro_batches: list[Batch], device: torch.device, world_size: int,
+def forward_backward(model: torch.nn.Module, micro_batches: list[Batch], device: torch.device, world_size: int,
                num_codebooks: int) -> StepResult:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in .grad).
 
