@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras test-reference lint demo speak smoke prep train plot bench-codec bench bench-generate bench-eval clean
+.PHONY: venv test test-extras test-reference lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,19 @@ WAV     ?= demo_out/speak_$(SPEAKER).wav
 speak: $(STAMP)
 	$(PY) -m minihiggs.generate --adapter $(ADAPTER) --codec $(CODEC) --text "$(TEXT)" \
 	    --scene "Audio is recorded from a quiet room. Speaker: $(SPEAKER)." $(REF) --out $(WAV) $(GEN_ARGS)
+
+# make serve [PORT=8000]: the demo's four voices (after `make demo`) behind the OpenAI-compatible speech server
+# (README "Serve"); installs the web extra (fastapi, uvicorn) into the venv when it is missing.
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) -c "import fastapi, uvicorn" 2>/dev/null || $(PY) -m pip install -q $$(grep -E '^(fastapi|uvicorn)' requirements-extras.txt)
+	$(PY) scripts/demo_voices.py demo_out
+	$(PY) -m minihiggs.serve --voices demo_out/voices --codec demo_out/codec --port $(PORT) --max_tokens 400
+
+# time to first audio and audio seconds per second at 1, 4 and 16 concurrent streams (CPU `small` shape; one thread:
+# on a shared machine OpenMP threads waiting for cores make every small op slow)
+bench-serve: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_serve.py $(ARGS)
 
 clean:
 	rm -rf .cache demo_out .pytest_cache

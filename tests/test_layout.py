@@ -23,7 +23,7 @@ LAYERS = [
     {"prep", "generate"},
     {"eval"},
     {"train", "ingest"},
-    {"export", "tiny", "__init__"},
+    {"export", "tiny", "serve", "__init__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
