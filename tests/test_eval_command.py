@@ -106,7 +106,10 @@ def test_eval_writes_rows_table_and_wavs_and_is_repeatable_batched(setup, capsys
 def test_one_line_errors(setup, extra, message, capsys, tmp_path):
     args = setup["args"]
     code, _, err = run(args + extra + ["--out_dir", str(tmp_path)], capsys)
-    assert code == 2 and err.startswith("eval: error: ") and message in err and len(err.strip().splitlines()) == 1
+    # one error line, the last (what was loaded before it is named on lines of its own: "base: ...")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("eval: error: ") and message in lines[-1]
+    assert sum(ln.startswith("eval:") for ln in lines) == 1
 
 
 def test_no_prompt_set_and_duplicate_labels_are_errors(setup, capsys, tmp_path):
@@ -130,7 +133,7 @@ def test_validation_shards_with_same_speaker_references(setup, capsys, tmp_path)
     """--shards: the validation split, each utterance voiced by another utterance of its speaker; the ground truth
     is the sample's own codes (duration ratio against its frames); a speaker with one utterance is left out."""
     from minihiggs.data.dataset import ShardDataset
-    from minihiggs.prep import run_prep
+    from minihiggs.prep import PrepConfig, prepare
 
     base = setup["base"]
     g = torch.Generator().manual_seed(3)
@@ -144,7 +147,8 @@ def test_validation_shards_with_same_speaker_references(setup, capsys, tmp_path)
                 {"role": "user", "content": f"Words of {spk} number {u}."},
                 {"role": "assistant", "content": [{"type": "audio", "audio_codes": f"{uid}.npy"}]}]})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run_prep(tmp_path / "m.jsonl", tmp_path / "shards", base_ckpt=base, progress=False, log=lambda m: None)
+    prepare(PrepConfig(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "shards"), base_ckpt=str(base),
+                       progress=False), log=lambda m: None)
     ds = ShardDataset(tmp_path / "shards")
     _, val = ds.split(0.5)
     code, out, err = run(setup["scorers"] + ["--model", str(base), "--shards", str(tmp_path / "shards"),

@@ -7,8 +7,10 @@ with `--max_tokens_per_batch` one packed row of samples filling a token budget (
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import signal
+import threading
 import weakref
 
 import torch
@@ -154,10 +156,29 @@ class LoaderBatches:
         if shutdown is not None:
             shutdown()
         del it
-        for w in self.workers:
-            if w.is_alive():  # a worker still busy (or stuck) after that: no more waiting
-                w.kill()
-                w.join(timeout=5)
+        alive = [w for w in self.workers if w.is_alive()]  # still busy (or stuck) after that: no more waiting
+        if alive:
+            with _sigchld_default():
+                for w in alive:
+                    w.kill()
+                for w in alive:
+                    w.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _sigchld_default():
+    """torch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" in whatever code runs when a
+    worker it still counts dies; a kill of our own is no failure. (The orderly shutdown unregisters the workers
+    first, through a private function; this public way covers a torch without it.)"""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if previous is not None:  # (None: a handler installed outside Python, which cannot be put back)
+            signal.signal(signal.SIGCHLD, previous)
 
 
 _OPEN: "weakref.WeakSet[LoaderBatches]" = weakref.WeakSet()
@@ -208,7 +229,8 @@ def validation_set(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: 
     if max_tokens is not None and val_idx:
         mine, n = packed_val_rows(ds, val_idx, max_tokens, rank, world_size)
         pads = [(mine[-1] if mine else [val_idx[0]], True)] * (n - len(mine))
-        return [(collate_packed([ds[i] for i in ids], cfg, packed_length), pad) for ids, pad in [(r, False) for r in mine] + pads]
+        rows = [(r, False) for r in mine] + pads
+        return [(collate_packed([ds[i] for i in ids], cfg, packed_length), pad) for ids, pad in rows]
     n = val_batch_count(len(val_idx), batch_size, world_size) if val_idx else 0
     if not n:
         return []
