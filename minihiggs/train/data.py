@@ -208,7 +208,8 @@ def validation_set(ds: ShardDataset, val_idx: list[int], batch_size: int, rank: 
     if max_tokens is not None and val_idx:
         mine, n = packed_val_rows(ds, val_idx, max_tokens, rank, world_size)
         pads = [(mine[-1] if mine else [val_idx[0]], True)] * (n - len(mine))
-        return [(collate_packed([ds[i] for i in ids], cfg, packed_length), pad) for ids, pad in [(r, False) for r in mine] + pads]
+        return [(collate_packed([ds[i] for i in ids], cfg, packed_length), pad)
+                for ids, pad in [(r, False) for r in mine] + pads]
     n = val_batch_count(len(val_idx), batch_size, world_size) if val_idx else 0
     if not n:
         return []

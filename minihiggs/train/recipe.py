@@ -295,7 +295,7 @@ class LoRARecipe:
         wer|sim, the score is then shared with every rank (a collective: each rank calls this at the same points)
         and judged. A scoring abandoned by a stop request judges nothing."""
         s, metric = self.state, self.cfg.best_metric
-        scored = self.samples.scoring_due(s.step, final) and self.samples.due(s.step, validated, final)
+        scored = self.samples.scoring_due(s.step, final)
         self.samples.maybe_write(self.train_model, s.step, validated=validated, final=final)
         if not scored or metric == "loss":
             return
@@ -306,6 +306,8 @@ class LoRARecipe:
         if have:
             improved = self.judge(value, {"eval": {k: v for k, v in rec.items() if isinstance(v, float)}})
             self.say(f"step {s.step}: samples {metric} {value:.4f}{' *best*' if improved else ''}")
+        elif self.samples.record is not None:  # scored, but without that metric (SIM: no prompt has a reference)
+            self.say(f"step {s.step}: the samples have no {metric}: --best_metric {metric} has nothing to judge")
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
         """The step's micro-batches (fewer at the end of an epoch) and whether the epoch ends with them."""
@@ -466,9 +468,9 @@ class LoRARecipe:
             print(f"minihiggs train: {env.world_size} x {self.device.type} ({mode}), base {self.dtype} from "
                   f"{cfg.base_ckpt}, compile={self.use_compile}")
             print(self.lora_report.summary())
-            print(f"data: {len(self.train_idx)} train / {len(self.val_idx)} val samples; {self.n_batches} micro-batches "
-                  f"per rank per epoch, {self.steps_per_epoch} steps per epoch; {s.total_steps} steps, warmup "
-                  f"{self.warmup}, {cfg.lr_schedule} LR {cfg.lr:g}")
+            print(f"data: {len(self.train_idx)} train / {len(self.val_idx)} val samples; {self.n_batches} "
+                  f"micro-batches per rank per epoch, {self.steps_per_epoch} steps per epoch; {s.total_steps} steps, "
+                  f"warmup {self.warmup}, {cfg.lr_schedule} LR {cfg.lr:g}")
             if self.resume_from is not None:
                 print(f"resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
                       f"{s.batches_in_epoch})")

@@ -72,6 +72,9 @@ class TrainingSamples:
         self.scorer = SampleScorer(cfg, env.device)
         self.enabled = (self.every != 0 or bool(self.scorer.every)) and \
             (cfg.sample_prompts is not None or len(val_idx) > 0)
+        # Decided once, the same on every rank (not changed when rank 0 turns samples off): the ranks' calls to
+        # the scores' collective (recipe.write_samples) must match.
+        self.scoring_on = self.enabled and bool(self.scorer.every)
         self.record: dict | None = None  # the eval record (scoring.py) of the last samples written, if any
         # The prompts file is parsed on every rank at setup: a bad file stops the run before training starts.
         self.items: list[Item] | None = \
@@ -89,7 +92,7 @@ class TrainingSamples:
     def load_scorers(self) -> None:
         """Rank 0 loads the --eval_steps scorers at setup, so that a wrong --eval_asr / --eval_sim stops the run
         before training. (Building a model draws from the global RNG: the streams are put back.)"""
-        if self.env.is_main and self.enabled and self.scorer.every:
+        if self.env.is_main and self.scoring_on:
             states = rng_state(self.env.device)
             try:
                 self.scorer.load()
@@ -107,8 +110,8 @@ class TrainingSamples:
         return self.every != 0 and (step % self.every == 0 or final)
 
     def scoring_due(self, step: int, final: bool = False) -> bool:
-        """Whether the samples of `step` are scored with WER/CER/SIM (the same answer on every rank)."""
-        return self.enabled and self.scorer.due(step, final)
+        """Whether the samples of `step` are to be scored with WER/CER/SIM (the same answer on every rank)."""
+        return self.scoring_on and step != self.last_step and self.scorer.due(step, final)
 
     def maybe_write(self, train_model: torch.nn.Module, step: int, validated: bool = False,
                     final: bool = False) -> None:
@@ -127,7 +130,7 @@ class TrainingSamples:
         written = False
         try:
             with self.stop.abandonable():
-                self._write(model, step, scored=self.scoring_due(step, final))
+                self._write(model, step, scored=self.scorer.due(step, final))
                 written = True
         except Exception as e:  # a bad reference, a missing tokenizer, OOM: say so, never fail the run for samples
             self._disable(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
@@ -167,7 +170,7 @@ class TrainingSamples:
             self._codec = refs.decoder()
         except UserError as e:
             self._codec = None
-            self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only")
+            self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only, not scored")
         self._ready = True
 
     def _default_prompts(self, cfg) -> None:
