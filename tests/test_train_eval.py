@@ -14,6 +14,7 @@ import train
 from helpers import adapter, event_files, read_events, train_args
 from minihiggs.metrics.jsonl import read_metrics
 from minihiggs.metrics.plot import have_matplotlib
+from minihiggs.train import checkpointing as ckpt_io
 from test_train_samples import ckpt, codec  # noqa: F401  (the tiny model with a tokenizer, the random codec)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,8 +134,6 @@ def test_stop_during_scoring_saves_first(shards, ckpt, codec, prompts, scorers, 
     comes at once, nothing of step 3 is judged."""
     from test_train_faults import run_injected
 
-    from minihiggs.train import checkpointing as ckpt_io
-
     out = tmp_path / "run"
     args = eval_args(shards, ckpt, codec, out, prompts, scorers, eval_steps=3, best_metric="wer", save_steps=0)
     r = run_injected("scoring_SIGTERM_2", args)
@@ -150,3 +149,24 @@ def test_stop_during_scoring_saves_first(shards, ckpt, codec, prompts, scorers, 
 def test_best_metric_needs_eval_steps(shards, ckpt, tmp_path, capsys):  # noqa: F811
     assert train.main(train_args(shards, ckpt, tmp_path / "run", best_metric="wer")) == 2
     assert "--best_metric wer needs --eval_steps N" in capsys.readouterr().err
+
+
+def test_ddp_scoring_and_resume_are_bitwise(shards, ckpt, codec, prompts, scorers, tmp_path):  # noqa: F811
+    """2 ranks, dropout on, best/ by WER: rank 0 scores, every rank judges the same value (a collective), and 4
+    steps straight == 2 + resume + 2, bitwise, with the same scores after the resume point."""
+    from test_train_dist import torchrun
+
+    args = dict(batch_size=2, grad_accum=2, max_steps=4, val_steps=2, save_steps=2, log_steps=1, eval_steps=2,
+                best_metric="wer")
+    out, again = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(["train.py", *eval_args(shards, ckpt, codec, out, prompts, scorers, **args)])
+    mid = out / "checkpoints" / "step-00000002"
+    torchrun(["train.py", *eval_args(shards, ckpt, codec, again, prompts, scorers, **args), "--resume", str(mid)])
+    a, b = adapter(out / "final"), adapter(again / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs, after = evals(out), evals(again)
+    assert [r["step"] for r in recs] == [0, 2, 4] and [r["step"] for r in after] == [4]
+    assert after[0]["wer"] == recs[-1]["wer"]
+    want = min(recs, key=lambda r: r["wer"])["step"]
+    assert json.loads((out / "final" / "final.json").read_text())["best_step"] == want
+    assert ckpt_io.load_trainer_state(mid)["best_step"] == min(recs[:2], key=lambda r: r["wer"])["step"]

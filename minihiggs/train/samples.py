@@ -91,13 +91,10 @@ class TrainingSamples:
 
     def load_scorers(self) -> None:
         """Rank 0 loads the --eval_steps scorers at setup, so that a wrong --eval_asr / --eval_sim stops the run
-        before training. (Building a model draws from the global RNG: the streams are put back.)"""
+        before training. (Building a model draws from the global RNG; that is harmless here: the recipe's
+        `restore` sets every stream after setup, from the seed or from the checkpoint.)"""
         if self.env.is_main and self.scoring_on:
-            states = rng_state(self.env.device)
-            try:
-                self.scorer.load()
-            finally:
-                set_rng_state(states, self.env.device)
+            self.scorer.load()
 
     # ---- when ---------------------------------------------------------------------------------------------------
     def due(self, step: int, validated: bool = False, final: bool = False) -> bool:
