@@ -281,7 +281,7 @@ class LoRARecipe:
         s, metric = self.state, self.cfg.best_metric
         self.judged_at = s.step
         sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
-        if s.best_step is not None and not sign * value < sign * s.best_val:
+        if not math.isfinite(value) or (s.best_step is not None and not sign * value < sign * s.best_val):
             s.bad_evals += 1
             return False
         s.best_val, s.best_step, s.bad_evals = value, s.step, 0
