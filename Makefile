@@ -4,15 +4,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras test-reference lint demo speak smoke prep train plot bench-codec bench bench-generate bench-eval clean
+.PHONY: venv test test-extras test-reference lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
 # torch==2.13.0 first when no torch is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): requirements.txt requirements-dev.txt
+# Then minihiggs itself, editable (pyproject.toml), so `import minihiggs` works from any directory in the venv.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # The whole suite except the tests of the optional extras (those run in `make test-extras`).
@@ -66,6 +68,19 @@ speak: $(STAMP)
 	$(PY) -m minihiggs.generate --adapter $(ADAPTER) --codec $(CODEC) --text "$(TEXT)" \
 	    --scene "Audio is recorded from a quiet room. Speaker: $(SPEAKER)." $(REF) --out $(WAV) $(GEN_ARGS)
 
+# make serve [PORT=8000]: the demo's four voices (after `make demo`) behind the OpenAI-compatible speech server
+# (README "Serve"); installs the web extra (fastapi, uvicorn) into the venv when it is missing.
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) -c "import fastapi, uvicorn" 2>/dev/null || $(PY) -m pip install -q $$(grep -E '^(fastapi|uvicorn)' requirements-extras.txt)
+	$(PY) scripts/demo_voices.py demo_out
+	$(PY) -m minihiggs.serve --voices demo_out/voices --codec demo_out/codec --port $(PORT) --max_tokens 400
+
+# time to first audio and audio seconds per second at 1, 4 and 16 concurrent streams (CPU `small` shape; one thread:
+# on a shared machine OpenMP threads waiting for cores make every small op slow)
+bench-serve: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_serve.py $(ARGS)
+
 clean:
 	rm -rf .cache demo_out .pytest_cache
 
@@ -78,7 +93,7 @@ smoke: $(STAMP)
 	rm -rf $(TINY)/shards $(TINY)/run
 	$(PY) prep.py --manifest $(TINY)/data/train.jsonl --out $(TINY)/shards --base_ckpt $(TINY)/base \
 	    --codec $(TINY)/codec --no_progress
-	$(PY) train.py --train_manifest $(TINY)/shards --output_dir $(TINY)/run --base_ckpt $(TINY)/base \
+	$(PY) train.py --shards $(TINY)/shards --output_dir $(TINY)/run --base_ckpt $(TINY)/base \
 	    --max_steps 20 --batch_size 4 --lr 3e-3 --log_steps 5 --val_steps 10 --save_steps 10 --sample_steps 0
 	$(PY) -m minihiggs.generate --adapter $(TINY)/run/final --text "Hello from a tiny model." \
 	    --ref_sample ava_000 --shards $(TINY)/shards --out $(TINY)/hello.wav --max_new_frames 100 --no_progress

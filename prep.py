@@ -3,6 +3,7 @@
 
     python prep.py --manifest data/train.jsonl --out data/prepared
     python prep.py --manifest LJSpeech-1.1/metadata.csv --out data/lj --voice_clone --workers 4
+    python prep.py --manifest user/dataset --split train --text_column sentence --out data/hf
 
 Manifests:
 * ChatML `.jsonl` (one object per line) or `.json` (an array): `{"messages": [...], "speaker", "start_index",
@@ -14,6 +15,9 @@ Manifests:
   (`--voice_clone`: paired with another utterance of the same speaker as the reference). A list that does not
   read one way only (a third column that may be a speaker or a transcript, more columns than its form, an
   unquoted comma in a comma-separated transcript) is refused, naming the line.
+* Hugging Face datasets: a folder of `.parquet` files, one `.parquet` file or a Hub dataset id, with
+  `--audio_column` / `--text_column` / `--speaker_column` / `--split` (rules: minihiggs/prep/table.py; needs
+  pyarrow); a bad row is recorded with its parquet file and row instead of a line.
 
 Every sample that cannot be used (missing / corrupt / empty / silent audio, broken JSON line, unknown fields,
 non-UTF-8 text, no trainable target, over --max_tokens, bad precomputed codes) is skipped whole and recorded in

@@ -72,3 +72,7 @@ class OutputError(UserError, OSError):
 
 class EvalError(UserError, ValueError):
     """An evaluation request that cannot be scored (unknown ASR language, no reference clip, bad prompt set, ...)."""
+
+
+class IngestError(UserError, ValueError):
+    """A folder of recordings that cannot be ingested (no recordings, a bad speaker map, changed settings, ...)."""

@@ -54,9 +54,10 @@ def hub_offline() -> bool:
 
 
 def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: Sequence[str],
-                revision: str | None = None) -> Path:
+                revision: str | None = None, repo_type: str = "model") -> Path:
     """A local directory for `path_or_repo` (see the module docstring). `what` names it in errors ("checkpoint",
-    "audio tokenizer", "adapter"). `revision` pins a Hub repo id given without `@revision`."""
+    "audio tokenizer", "adapter"). `revision` pins a Hub repo id given without `@revision`; `repo_type` "dataset"
+    for a Hub dataset repo."""
     s = os.fspath(path_or_repo)
     p = Path(s).expanduser()
     if p.is_dir():
@@ -77,13 +78,15 @@ def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: S
     at = f" --revision {rev}" if rev else ""
     try:
         return Path(snapshot_download(repo, revision=rev, allow_patterns=list(allow_patterns),
-                                      local_files_only=offline))
+                                      local_files_only=offline, repo_type=repo_type))
     except LocalEntryNotFoundError as e:
         why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else \
             "the Hub cannot be reached (HF_HUB_OFFLINE=0)"
+        kind = f" --repo-type {repo_type}" if repo_type != "model" else ""
         raise HubMissError(
             f"{what} {s!r} is not in the local Hugging Face cache and {why}. Download it on a connected machine "
-            f"with `huggingface-cli download {repo}{at} --include {' '.join(allow_patterns)}` (cache: $HF_HOME), "
+            f"with `huggingface-cli download {repo}{at}{kind} --include {' '.join(allow_patterns)}` (cache: "
+            "$HF_HOME), "
             f"or pass a local directory.") from e
     except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP errors: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -92,5 +95,6 @@ def resolve_dir(path_or_repo: str | os.PathLike, *, what: str, allow_patterns: S
 
 def _plain(class_name: str) -> str:
     """'RevisionNotFoundError' -> 'revision not found' (what the user reads, not a class name)."""
-    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", class_name.removesuffix("Error").removesuffix("Exception"))
+    stem = class_name.removesuffix("Error").removesuffix("Exception")
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", stem)
     return " ".join(w if w.isupper() and len(w) > 1 else w.lower() for w in words) or "error"

@@ -84,7 +84,8 @@ def model_config_to_legacy(d: Mapping[str, Any]) -> dict:
     layers = text.get("num_hidden_layers", 28)
     return {
         "architectures": ["HiggsAudioModel"], "model_type": MODEL_TYPES[LEGACY], "text_config": text,
-        "audio_adapter_type": "dual_ffn", "audio_dual_ffn_layers": list(range(layers)) if isinstance(layers, int) else [],
+        "audio_adapter_type": "dual_ffn",
+        "audio_dual_ffn_layers": list(range(layers)) if isinstance(layers, int) else [],
         "audio_num_codebooks": d.get("num_codebooks", 8), "audio_codebook_size": size - 2,
         "audio_stream_bos_id": bos, "audio_stream_eos_id": eos,
         "use_delay_pattern": True, "encode_audio_in_tokens": True, "skip_audio_tower": True,

@@ -105,7 +105,8 @@ def main() -> None:
         emit(event="encode", batch=batch, audio_seconds=args.seconds * batch, wall_seconds=round(s, 3),
              audio_seconds_per_second=round(args.seconds * batch / s, 3))
     tok.decode(codes[0][:, :25])
-    for batch, fn in ((1, lambda: tok.decode(codes[0])), (args.batch, lambda: tok.decode_batch(codes, max_batch=args.batch))):
+    runs = ((1, lambda: tok.decode(codes[0])), (args.batch, lambda: tok.decode_batch(codes, max_batch=args.batch)))
+    for batch, fn in runs:
         s = timed(fn, args.repeats)
         emit(event="decode", batch=batch, audio_seconds=args.seconds * batch, wall_seconds=round(s, 3),
              audio_seconds_per_second=round(args.seconds * batch / s, 3))

@@ -174,6 +174,10 @@ def test_system_audio_is_audio_in_and_speaker_from_misc(tok):
     ({"messages": "hi"}, "invalid", "non-empty list"),
     ({"messages": [{"role": "user", "content": "a"}], "start_index": "1"}, "invalid", "start_index"),
     ([1, 2], "invalid", "JSON object"),
+    # an empty transcript (ingest --asr none, not reviewed) would train speech for no text
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": [
+        {"type": "audio", "audio_url": "a.wav"}]}]}, "empty_text", "empty text"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}, "empty_text", "empty text"),
 ])
 def test_invalid_samples(obj, kind, match):
     with pytest.raises(ManifestError, match=match) as e:

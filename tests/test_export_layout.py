@@ -83,7 +83,8 @@ def test_export_layouts_load_back_as_the_merged_model(bases, tmp_path, src, layo
     out = tmp_path / "out"
     old = os.umask(0o022)
     try:
-        argv = ["--adapter", str(ad), "--out", str(out), "--base_ckpt", str(base)] + (["--layout", layout] if layout else [])
+        argv = ["--adapter", str(ad), "--out", str(out), "--base_ckpt", str(base)]
+        argv += ["--layout", layout] if layout else []
         assert export_main(argv) == 0
     finally:
         os.umask(old)

@@ -1,4 +1,5 @@
-"""`owner/name@revision` for Hub ids, and the resolved commit recorded (huggingface_hub is monkeypatched: no network)."""
+"""`owner/name@revision` for Hub ids, and the resolved commit recorded (huggingface_hub is monkeypatched: no
+network)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def fake_hub(tmp_path, monkeypatch):
 
 
 def test_split_revision():
-    assert split_revision("bosonai/higgs-audio-v2-tokenizer@9d4988fb") == ("bosonai/higgs-audio-v2-tokenizer", "9d4988fb")
+    repo = "bosonai/higgs-audio-v2-tokenizer"
+    assert split_revision(f"{repo}@9d4988fb") == (repo, "9d4988fb")
     assert split_revision("owner/name@refs/pr/3") == ("owner/name", "refs/pr/3")
     assert split_revision("owner/name") == ("owner/name", None)
     assert split_revision("./runs/a@b") == ("./runs/a@b", None)  # a path, not a repo id

@@ -22,8 +22,8 @@ LAYERS = [
     {"metrics"},
     {"prep", "generate"},
     {"eval"},
-    {"train"},
-    {"export", "tiny", "__init__"},
+    {"train", "ingest"},
+    {"export", "tiny", "serve", "__init__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -127,7 +127,8 @@ def test_fixed_length_and_layout():
     b = collate_rows([samples], cfg, length=512)
     n = sum(len(collate([s], cfg).input_ids[0]) for s in samples)  # each alone rounds to 8: an upper bound
     assert b.input_ids.shape == (1, 512) and b.num_tokens == int(b.attention_mask.sum()) <= n
-    assert b.segment_ids[0, :b.num_tokens].unique().tolist() == [0, 1, 2] and (b.segment_ids[0, b.num_tokens:] == -1).all()
+    assert b.segment_ids[0, :b.num_tokens].unique().tolist() == [0, 1, 2]
+    assert (b.segment_ids[0, b.num_tokens:] == -1).all()
     longer = collate_rows([samples], cfg, length=16)  # a fixed length never cuts a row
     assert longer.input_ids.shape[1] >= b.num_tokens and longer.num_tokens == b.num_tokens
     with pytest.raises(ValueError, match="at least one sample"):

@@ -68,7 +68,7 @@ def _compare(got: dict, want: dict, what: str) -> dict:
     for k in TOWER_KEYS[1:]:
         assert got[k].shape == want[k].shape, (what, k, got[k].shape, want[k].shape)
         diffs[k] = (got[k] - want[k]).abs().max().item()
-        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} {k}: {m}")
+        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{what} {k}: {m}")
     print(f"{what}: max|Δ| " + ", ".join(f"{k}={d:.2e}" for k, d in diffs.items()))
     return diffs
 

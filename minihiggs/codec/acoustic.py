@@ -60,7 +60,8 @@ def _residual_stack(dim: int) -> list[nn.Module]:
 
 
 class EncoderBlock(nn.Module):
-    """3 residual units at `dim // 2` channels, then a strided conv that doubles channels and divides time by `stride`."""
+    """3 residual units at `dim // 2` channels, then a strided conv that doubles channels and divides time by
+    `stride`."""
 
     def __init__(self, dim: int, stride: int):
         super().__init__()
@@ -116,7 +117,8 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents [B, input_channel, frames] -> waveform [B, 1, frames * prod(rates)]; no final tanh (the reference drops it)."""
+    """Latents [B, input_channel, frames] -> waveform [B, 1, frames * prod(rates)]; no final tanh (the reference
+    drops it)."""
 
     def __init__(self, input_channel: int = 256, channels: int = 1024, rates: tuple[int, ...] = (8, 5, 4, 2, 3)):
         super().__init__()

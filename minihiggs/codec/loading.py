@@ -80,7 +80,8 @@ class CodecConfig:
         if not isinstance(d.get("bins", 1024), int):
             raise CheckpointError(f"tokenizer config.json: bins={d['bins']!r} selects FSQ, which is not supported")
         if not isinstance(d.get("codebook_dim"), int):
-            raise CheckpointError("tokenizer config.json: codebook_dim must be set (an RVQ without projections is not supported)")
+            raise CheckpointError("tokenizer config.json: codebook_dim must be set (an RVQ without projections is not "
+                                  "supported)")
         cfg = CodecConfig(
             sample_rate=int(d.get("sample_rate", 16000)),
             ratios=tuple(int(r) for r in d.get("ratios", (8, 5, 4, 2))),
@@ -90,7 +91,8 @@ class CodecConfig:
             codebook_dim=int(d["codebook_dim"]),
             semantic_sample_rate=int(d.get("semantic_sample_rate") or 16000),
         )
-        if cfg.semantic_downsample < 1 or cfg.hop_length * cfg.semantic_sample_rate != cfg.semantic_downsample * 320 * cfg.sample_rate:
+        if cfg.semantic_downsample < 1 or \
+                cfg.hop_length * cfg.semantic_sample_rate != cfg.semantic_downsample * 320 * cfg.sample_rate:
             raise CheckpointError(
                 f"tokenizer config.json: hop {cfg.hop_length} at {cfg.sample_rate} Hz is not a whole number of "
                 f"HuBERT frames at {cfg.semantic_sample_rate} Hz"
@@ -162,7 +164,8 @@ def resolve(path_or_repo_id: str | os.PathLike) -> tuple[Path, Path]:
 
 # --- key mapping ---------------------------------------------------------------------------------------------
 
-# Convs under these prefixes are stored as torch.nn.utils.weight_norm pairs (weight_g [out,1,1], weight_v), norm over dim 0.
+# Convs under these prefixes are stored as torch.nn.utils.weight_norm pairs (weight_g [out,1,1], weight_v), norm over
+# dim 0.
 WEIGHT_NORM_PREFIXES = ("encoder.", "decoder_2.")
 # HuBERT's positional conv uses the parametrization API (original0 = g [1,1,k], original1 = v), norm over dim 2.
 POS_CONV = "semantic_model.encoder.pos_conv_embed.conv."
@@ -270,7 +273,8 @@ def convert_checkpoint(
         inited = ckpt[f"quantizer.vq.layers.{i}._codebook.inited"]
         if not inited.is_meta and not bool(inited.item()):
             # The reference would run k-means on the first batch it sees and use the result as the codebook.
-            raise CheckpointError(f"quantizer.vq.layers.{i}: codebook was never initialised (inited=0); not a trained checkpoint")
+            raise CheckpointError(f"quantizer.vq.layers.{i}: codebook was never initialised (inited=0); not a trained "
+                                  "checkpoint")
     out: dict[str, torch.Tensor] = {}
     for name, shape in model_shapes.items():
         src = _sources(name, tuple(shape), cfg)

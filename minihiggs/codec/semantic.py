@@ -34,7 +34,8 @@ class FeatureExtractor(nn.Module):
     def __init__(self, channels: int = 512):
         super().__init__()
         self.conv_layers = nn.ModuleList(
-            ConvLayer(1 if i == 0 else channels, channels, k, s, group_norm=(i == 0)) for i, (k, s) in enumerate(FEATURE_CONVS)
+            ConvLayer(1 if i == 0 else channels, channels, k, s, group_norm=(i == 0))
+            for i, (k, s) in enumerate(FEATURE_CONVS)
         )
 
     @staticmethod

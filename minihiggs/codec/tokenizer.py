@@ -40,9 +40,9 @@ class AudioTokenizer(nn.Module):
     """Load with `from_pretrained`; `encode`/`encode_batch`/`encode_file` give LongTensor codes [8, frames]
     at 25 Hz, `decode`/`decode_batch` turn codes back into 24 kHz float32 waveforms (960 samples per frame)."""
 
-    def __init__(self, cfg: CodecConfig = CodecConfig(), decode_only: bool = False):
+    def __init__(self, cfg: CodecConfig | None = None, decode_only: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg if cfg is not None else CodecConfig()  # (a fresh default per instance, not shared)
         # decode_only: no acoustic encoder and no HuBERT semantic branch (~100M of the ~200M parameters); enough
         # to turn generated codes into audio. `encode*` then raise.
         self.decode_only = decode_only
@@ -160,7 +160,8 @@ class AudioTokenizer(nn.Module):
     ENCODE_BATCH_SAMPLES = 80 * 24000
 
     @torch.inference_mode()
-    def encode_batch(self, waves: Sequence[Wave], sample_rate: int | None = None, max_batch: int = 8) -> list[torch.Tensor]:
+    def encode_batch(self, waves: Sequence[Wave], sample_rate: int | None = None,
+                     max_batch: int = 8) -> list[torch.Tensor]:
         """Encode several clips; codes are identical to encoding each alone.
 
         Only clips of exactly equal length share a forward pass. Padding shorter clips would change their
@@ -237,7 +238,8 @@ class AudioTokenizer(nn.Module):
         if codes.is_floating_point() or codes.is_complex():
             raise ValueError(f"codes must be integers, got {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got range [{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got range [{int(codes.min())}, "
+                             f"{int(codes.max())}]")
         return codes.to(self.device, torch.long)
 
     @torch.inference_mode()
@@ -250,7 +252,8 @@ class AudioTokenizer(nn.Module):
         return self._decode(self._check_codes(codes)[None], chunk)[0]
 
     @torch.inference_mode()
-    def decode_batch(self, codes: Sequence[torch.Tensor | np.ndarray], chunk: int | None = None, max_batch: int = 8) -> list[torch.Tensor]:
+    def decode_batch(self, codes: Sequence[torch.Tensor | np.ndarray], chunk: int | None = None,
+                     max_batch: int = 8) -> list[torch.Tensor]:
         """Decode several code sequences. Equal-length ones share a forward pass: the decoder has no
         normalisation or attention, so batching changes nothing but float rounding."""
         cs = [self._check_codes(c) for c in codes]

@@ -254,7 +254,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     may be smaller than `batch_size` unless `drop_last`.
 
     Resume: `state_dict()` records (seed, epoch, position); `load_state_dict()` / `skip(n)` continue exactly
-    after the first n batches of the epoch (a finished pass resets the position to 0). With a prefetching DataLoader pass the number of batches the trainer
+    after the first n batches of the epoch (a finished pass resets the position to 0). With a prefetching DataLoader
+    pass the number of batches the trainer
     actually consumed: `state_dict(batches_done=step_in_epoch)`.
     """
 

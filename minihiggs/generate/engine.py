@@ -16,6 +16,8 @@ stop token (`<|end_of_text|>`, `<|eot_id|>`).
 Batching: rows have their own prompt lengths, positions, modes, generators and stop points; each row gets what
 it gets alone (prefill is per row; decode steps are batched, sampling is per row on CPU with the row's own
 generator). What a batch gains is throughput: one weight read per step serves every row (see README).
+`generate` is built from three pieces, `new_row`, `prefill_row` and `decode_step`, which `batcher.Batcher` also
+drives with rows that join and leave between steps (continuous batching, streaming).
 """
 
 from __future__ import annotations
@@ -165,68 +167,81 @@ class Engine:
         `trace(row, record)` (tests, debugging) receives each iteration's inputs, logits and choices."""
         if not requests:
             return []
-        cfg, k_books = self.cfg, self.cfg.audio_num_codebooks
-        rows: list[_Row] = []
-        for r in requests:
-            if r.max_new_tokens < 1:
-                raise ValueError(f"{r.prompt.name or 'request'}: max_new_tokens must be >= 1")
-            r.sampling.validate()
-            m = merge_prompt(r.prompt, cfg)
-            hist = torch.zeros(k_books, m.columns.shape[1] + r.max_new_tokens + 1, dtype=torch.long)
-            hist[:, :m.columns.shape[1]] = m.columns
-            rows.append(_Row(r, m, r.sampling.generator(), last=int(m.input_ids[-1]), pos=len(m.input_ids),
-                             history=hist, hist=m.columns.shape[1]))
+        rows = [self.new_row(r) for r in requests]
         cache = self._cache_for(len(rows), max(len(row.merged.input_ids) + row.req.max_new_tokens for row in rows))
-        max_len = cache.max_len
-
         # Iteration 0 of every row: its prefill (alone, batch 1) and its first selection.
         for b, row in enumerate(rows):
-            hidden = prefill(self.model, cache, b, row.merged.batch.to(self.device))
-            kind = self._kind(row)
-            logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
-            info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1].float().cpu()} if trace else None
-            self._advance(b, row, kind, None, logits, info, trace)
+            self.prefill_row(cache, b, row, trace)
         if on_step is not None:
             on_step(sum(not r.done for r in rows))
-
-        pos = torch.zeros(len(rows), dtype=torch.long)
-        tokens = torch.zeros(len(rows), dtype=torch.long)
-        cols = torch.zeros(len(rows), k_books, dtype=torch.long)
-        is_audio = torch.zeros(len(rows), dtype=torch.bool)
         while not all(r.done for r in rows):
-            kinds = [self._kind(r) if not r.done else None for r in rows]
-            active_audio = {k == AUDIO for k in kinds if k is not None}
-            mode = "mixed" if len(active_audio) == 2 else ("audio" if active_audio == {True} else "text")
-            for b, (row, kind) in enumerate(zip(rows, kinds)):
-                # A finished row is fed a dummy of the batch's kind at its last free slot (never read again).
-                audio = kind == AUDIO if kind is not None else mode == "audio"
-                is_audio[b] = audio
-                pos[b] = min(row.pos, max_len - 1)
-                if kind == AUDIO:
-                    cols[b] = row.feed_col
-                elif kind is not None:
-                    tokens[b] = row.last
-            h, audio_logits, text_logits = self._step(cache, tokens, cols, is_audio, pos, mode, AUDIO in kinds,
-                                                      TEXT in kinds)
-            # Selection runs on CPU with each row's own generator (upstream's draws, any device).
-            audio_logits = audio_logits.float().cpu() if AUDIO in kinds else None
-            text_logits = text_logits.float().cpu() if TEXT in kinds else None
-            for b, (row, kind) in enumerate(zip(rows, kinds)):
-                if kind is None:
-                    continue
-                info = None
-                if trace is not None:
-                    fed = ("audio", cols[b].clone()) if kind == AUDIO else ("text", int(tokens[b]))
-                    info = {"past_seen": row.pos, "hidden": h[b].float().cpu(), "fed": fed}
-                row.pos += 1
-                self._advance(b, row, kind, audio_logits[b] if kind == AUDIO else None,
-                              text_logits[b:b + 1] if kind == TEXT else None, info, trace)
+            self.decode_step(cache, rows, trace)
             if on_step is not None:
                 on_step(sum(not r.done for r in rows))
+        return [self.generation(row) for row in rows]
 
-        return [Generation(name=row.req.prompt.name, prompt_length=len(row.merged.input_ids), text_tokens=row.tokens,
-                           audio=[torch.stack(s, dim=1) for s in row.segments], stop_reason=row.stop_reason,
-                           iterations=row.iterations, codebook_size=cfg.audio_codebook_size) for row in rows]
+    # ---- the pieces of the loop (also driven by `batcher.Batcher`, whose rows join and leave between steps) -------
+    def new_row(self, r: Request) -> _Row:
+        """A request's host-side state (prompt merged, sampling checked)."""
+        if r.max_new_tokens < 1:
+            raise ValueError(f"{r.prompt.name or 'request'}: max_new_tokens must be >= 1")
+        r.sampling.validate()
+        m = merge_prompt(r.prompt, self.cfg)
+        hist = torch.zeros(self.cfg.audio_num_codebooks, m.columns.shape[1] + r.max_new_tokens + 1, dtype=torch.long)
+        hist[:, :m.columns.shape[1]] = m.columns
+        return _Row(r, m, r.sampling.generator(), last=int(m.input_ids[-1]), pos=len(m.input_ids), history=hist,
+                    hist=m.columns.shape[1])
+
+    def prefill_row(self, cache: StaticKVCache, b: int, row: _Row, trace: Trace | None = None) -> None:
+        """Iteration 0 of `row` in cache row `b`: its prompt's prefill and its first selection."""
+        hidden = prefill(self.model, cache, b, row.merged.batch.to(self.device))
+        kind = self._kind(row)
+        logits = self._text_logits(hidden[:, -1]).cpu() if kind == TEXT else None
+        info = {"past_seen": 0, "fed": None, "hidden": hidden[0, -1].float().cpu()} if trace else None
+        self._advance(b, row, kind, None, logits, info, trace)
+
+    def decode_step(self, cache: StaticKVCache, rows: list[_Row | None], trace: Trace | None = None) -> None:
+        """One iteration of every unfinished row (`rows[b]` lives in cache row b; None: a free cache row)."""
+        max_len, n = cache.max_len, cache.batch
+        pos = torch.zeros(n, dtype=torch.long)
+        tokens = torch.zeros(n, dtype=torch.long)
+        cols = torch.zeros(n, self.cfg.audio_num_codebooks, dtype=torch.long)
+        is_audio = torch.zeros(n, dtype=torch.bool)
+        kinds = [self._kind(r) if r is not None and not r.done else None for r in rows] + [None] * (n - len(rows))
+        active_audio = {k == AUDIO for k in kinds if k is not None}
+        mode = "mixed" if len(active_audio) == 2 else ("audio" if active_audio == {True} else "text")
+        for b, kind in enumerate(kinds):
+            row = rows[b] if b < len(rows) else None
+            # A finished row (or a free one) is fed a dummy of the batch's kind at its last free slot (never read
+            # again: a row's next prompt overwrites its slots from 0, a slot is written before any query sees it).
+            audio = kind == AUDIO if kind is not None else mode == "audio"
+            is_audio[b] = audio
+            pos[b] = min(row.pos, max_len - 1) if row is not None else max_len - 1
+            if kind == AUDIO:
+                cols[b] = row.feed_col
+            elif kind is not None:
+                tokens[b] = row.last
+        h, audio_logits, text_logits = self._step(cache, tokens, cols, is_audio, pos, mode, AUDIO in kinds,
+                                                  TEXT in kinds)
+        # Selection runs on CPU with each row's own generator (upstream's draws, any device).
+        audio_logits = audio_logits.float().cpu() if AUDIO in kinds else None
+        text_logits = text_logits.float().cpu() if TEXT in kinds else None
+        for b, kind in enumerate(kinds):
+            if kind is None:
+                continue
+            row = rows[b]
+            info = None
+            if trace is not None:
+                fed = ("audio", cols[b].clone()) if kind == AUDIO else ("text", int(tokens[b]))
+                info = {"past_seen": row.pos, "hidden": h[b].float().cpu(), "fed": fed}
+            row.pos += 1
+            self._advance(b, row, kind, audio_logits[b] if kind == AUDIO else None,
+                          text_logits[b:b + 1] if kind == TEXT else None, info, trace)
+
+    def generation(self, row: _Row) -> Generation:
+        return Generation(name=row.req.prompt.name, prompt_length=len(row.merged.input_ids), text_tokens=row.tokens,
+                          audio=[torch.stack(s, dim=1) for s in row.segments], stop_reason=row.stop_reason,
+                          iterations=row.iterations, codebook_size=self.cfg.audio_codebook_size)
 
     def _kind(self, row: _Row) -> int:
         if row.last == self.audio_out_bos:

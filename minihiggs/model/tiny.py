@@ -58,7 +58,8 @@ def random_state_dict(cfg: HiggsConfig, seed: int = 0, std: float = 0.02) -> dic
     return sd
 
 
-def save_sharded(sd: dict[str, torch.Tensor], out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> list[str]:
+def save_sharded(sd: dict[str, torch.Tensor], out_dir: str | os.PathLike,
+                 max_shard_bytes: int | None = None) -> list[str]:
     """Write safetensors shards (+ index when more than one), the upstream layout. Returns the file names."""
     from safetensors.torch import save_file
 

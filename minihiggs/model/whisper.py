@@ -112,7 +112,8 @@ class WhisperConfig:
         if not isinstance(cfg.scale_embedding, bool):
             raise ConfigError(f"audio_encoder_config.scale_embedding: expected a boolean, got {cfg.scale_embedding!r}")
         if cfg.encoder_layerdrop != 0.0:
-            raise ConfigError(f"audio_encoder_config.encoder_layerdrop: only 0 is supported, got {cfg.encoder_layerdrop}")
+            raise ConfigError("audio_encoder_config.encoder_layerdrop: only 0 is supported, got "
+                              f"{cfg.encoder_layerdrop}")
         return cfg
 
 

@@ -23,6 +23,15 @@ class JsonlLine:
 
 
 @dataclass(frozen=True, slots=True)
+class TableRow:
+    line: int  # 1-based over all selected rows: the entry's order
+    file: int  # index among the selected parquet files
+    group: int  # row group in that file
+    index: int  # row within the row group
+    row: int  # 0-based row of the file (what errors name)
+
+
+@dataclass(frozen=True, slots=True)
 class ChatmlEntry:
     line: int
     obj: object  # as decoded from JSON: parse_chatml checks it
@@ -35,12 +44,15 @@ class BadEntry:
     reason: str
 
 
-Entry = JsonlLine | ChatmlEntry | BadEntry
+Entry = JsonlLine | TableRow | ChatmlEntry | BadEntry
 
 
 def manifest_kind(path: Path) -> str:
-    """"jsonl", "json" (a JSON array) or "plain" (an LJSpeech-style list), from the file's extension."""
+    """"jsonl", "json" (a JSON array), "plain" (an LJSpeech-style list) or "table" (parquet: a folder of them or one
+    file), from the file's extension."""
     suf = path.suffix.lower()
+    if path.is_dir() or suf == ".parquet":
+        return "table"
     if suf == ".json":
         return "json"
     if suf in PLAIN_EXT:

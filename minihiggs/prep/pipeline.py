@@ -23,12 +23,13 @@ from ..constants import CODE_FRAMES_PER_SECOND
 from ..data.shards import FORMAT, VERSION, read_shard_meta, shard_complete, shard_name, write_index
 from ..errors import PrepError
 from ..fsio import atomic_write_json
-from ..hub import resolve_dir, resolved_revision
+from ..hub import is_repo_id, resolve_dir, resolved_revision
 from . import worker as worker_mod
 from .manifest import manifest_kind, read_json_array, scan_jsonl
 from .plain_list import read_plain_list
 from .pool import run_pool
 from .settings import ModelSettings, PrepConfig, WorkerSettings, model_settings
+from .table import DATASET_PATTERNS, TableSpec, scan_table, select_files
 from .worker import ShardJob, Worker
 
 __all__ = ["PrepConfig", "model_settings", "prepare"]
@@ -47,6 +48,7 @@ class Inputs:
     scene: str | None
     device: str
     workers: int
+    table: TableSpec | None = None  # parquet input
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,7 @@ def recorded_source(path_or_repo: str) -> str:
 def check_inputs(cfg: PrepConfig) -> Inputs:
     import torch
 
-    manifest = Path(cfg.manifest).resolve()
-    if not manifest.is_file():
-        raise PrepError(f"{manifest}: manifest not found")
+    manifest = resolve_manifest(cfg.manifest)
     if cfg.shard_size < 1:
         raise PrepError("--shard_size must be >= 1")
     kind = manifest_kind(manifest)
@@ -106,7 +106,22 @@ def check_inputs(cfg: PrepConfig) -> Inputs:
         raise PrepError(f"{manifest}: --voice_clone applies to plain lists (.csv / .tsv / .txt / .list) only; in a "
                         f"ChatML manifest each sample gives its reference in its messages: drop --voice_clone")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Inputs(manifest, Path(cfg.out).resolve(), kind, cfg.scene_prompt or None, device, max(1, int(cfg.workers)))
+    table = None
+    if kind == "table":
+        table = TableSpec(select_files(manifest, cfg.split), cfg.audio_column, cfg.text_column, cfg.speaker_column,
+                          cfg.scene_prompt or None)
+    return Inputs(manifest, Path(cfg.out).resolve(), kind, cfg.scene_prompt or None, device, max(1, int(cfg.workers)),
+                  table)
+
+
+def resolve_manifest(manifest: str) -> Path:
+    """A manifest file, a folder of parquet tables, or a Hub dataset id (its parquet files fetched)."""
+    p = Path(manifest).expanduser()
+    if p.is_file() or p.is_dir():
+        return p.resolve()
+    if is_repo_id(manifest) and not manifest.startswith((".", "/", "~")):
+        return resolve_dir(manifest, what="--manifest dataset", allow_patterns=DATASET_PATTERNS, repo_type="dataset")
+    raise PrepError(f"{p.resolve()}: manifest not found")
 
 
 def resolve_base(base: str) -> Path:
@@ -156,11 +171,15 @@ def claim_out_dir(inputs: Inputs, base: Base, cfg: PrepConfig) -> None:
     """Record this run's settings in OUT/prep_state.json; shards of other settings are refused (or deleted with
     --overwrite), and the previous run's index and error list removed."""
     plain = inputs.kind == "plain"
+    t = inputs.table
     fingerprint = {"format": FORMAT, "version": VERSION, "manifest": str(inputs.manifest),
-                   "manifest_sha256": file_sha256(inputs.manifest), "shard_size": cfg.shard_size,
-                   "voice_clone": bool(cfg.voice_clone) if plain else False,
-                   "scene_prompt": inputs.scene if plain else None, "max_tokens": cfg.max_tokens,
+                   "manifest_sha256": t.fingerprint() if t else file_sha256(inputs.manifest),
+                   "shard_size": cfg.shard_size, "voice_clone": bool(cfg.voice_clone) if plain else False,
+                   "scene_prompt": inputs.scene if plain or t else None, "max_tokens": cfg.max_tokens,
                    "tokenizer": base.tok.fingerprint, "codec": str(cfg.codec), **base.model.record()}
+    if t:  # which rows and columns make the samples
+        fingerprint["table"] = {"files": [str(f) for f in t.files], "audio_column": t.audio_column,
+                                "text_column": t.text_column, "speaker_column": t.speaker_column}
     out = inputs.out
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "prep_state.json"
@@ -186,6 +205,8 @@ def build_jobs(inputs: Inputs, cfg: PrepConfig, log=print) -> tuple[list[ShardJo
         entries = scan_jsonl(inputs.manifest)
     elif inputs.kind == "json":
         entries = read_json_array(inputs.manifest)
+    elif inputs.kind == "table":
+        entries = scan_table(inputs.table)
     else:
         usable = None
         if cfg.voice_clone:  # references only among clips that will make it (one read of each, before the shards)
@@ -247,7 +268,8 @@ def run_shards(jobs: list[ShardJob], todo: list[ShardJob], inputs: Inputs, base:
     settings = WorkerSettings(out=inputs.out, manifest=inputs.manifest, tokenizer_dir=base.dir, codec=cfg.codec,
                               device=inputs.device, max_tokens=cfg.max_tokens, model=base.model,
                               codec_batch_clips=32 if inputs.device.startswith("cuda") else 8,
-                              threads=max(1, (os.cpu_count() or 1) // inputs.workers), parent_pid=os.getpid())
+                              threads=max(1, (os.cpu_count() or 1) // inputs.workers), parent_pid=os.getpid(),
+                              table=inputs.table)
     total = sum(j.last - j.first for j in jobs)
     progress = Progress(total, done=total - sum(j.last - j.first for j in todo), enabled=cfg.progress)
     with progress:
@@ -318,7 +340,8 @@ def report(totals: Totals, progress: Progress, inputs: Inputs, n_shards: int, se
     if n_err:
         log(f"prep: skipped entries are listed in {out / 'prep_errors.jsonl'}")
         for e in totals.errors[:10]:
-            log(f"  {Path(e['manifest']).name}:{e['line']}: {e['reason']}")
+            at = f":{e['line']}" if "line" in e else f" row {e['row']}"
+            log(f"  {Path(e['manifest']).name}{at}: {e['reason']}")
         if n_err > 10:
             log(f"  ... and {n_err - 10} more")
     dups = {k: v for k, v in totals.id_lines.items() if len(v) > 1}

@@ -11,13 +11,15 @@ from ..cli import flag as _flag
 from ..constants import DEFAULT_BASE_REPO, DEFAULT_CODEC_REPO
 from ..errors import PrepError
 from ..text.chatml import DEFAULT_SCENE
+from .table import TableSpec
 
 
 @dataclass
 class PrepConfig:
     """Everything a prep run depends on (the command-line flags of prep.py)."""
 
-    manifest: str = _flag(help=".jsonl / .json ChatML, or .csv / .tsv / .txt / .list plain list")
+    manifest: str = _flag(help=".jsonl / .json ChatML, .csv / .tsv / .txt / .list plain list, or parquet tables "
+                               "(a folder, a .parquet file or a Hub dataset id)")
     out: str = _flag(help="output directory of shards")
     base_ckpt: str = _flag(DEFAULT_BASE_REPO, "checkpoint dir or hub repo id (config.json + tokenizer files)")
     codec: str = _flag(DEFAULT_CODEC_REPO, "audio tokenizer dir or repo id")
@@ -30,6 +32,11 @@ class PrepConfig:
                                      "speaker as the voice reference", action="store_true")
     scene_prompt: str | None = _flag(DEFAULT_SCENE, "plain lists: scene description in the system prompt ('' for "
                                                     "none)")
+    audio_column: str = _flag("audio", "tables: the audio column (datasets' {bytes, path} struct, bytes or a path)")
+    text_column: str = _flag("text", "tables: the transcript column")
+    speaker_column: str | None = _flag(None, "tables: the speaker column (default: none)")
+    split: str | None = _flag(None, "tables: only the files of this split (a folder or file name prefix: train, "
+                                    "validation, ...; default: every parquet file)")
     device: str | None = _flag(None, "codec device (default: cuda when available, else cpu)")
     overwrite: bool = _flag(False, "delete shards made with other settings in --out", action="store_true")
     progress: bool = _flag(True, "no progress bar", option="--no_progress", action="store_false")
@@ -81,8 +88,16 @@ class WorkerSettings:
     codec_batch_clips: int  # clips per codec call
     threads: int  # torch threads of a worker process
     parent_pid: int | None = None  # the prep process, which a pool worker must not outlive
+    table: TableSpec | None = None  # parquet input: the files and columns (then `manifest` is their folder)
 
     @property
     def base_dir(self) -> str:
         """The folder that relative paths in the manifest resolve against."""
         return str(self.manifest.parent)
+
+    def place(self, entry) -> dict:
+        """Where an entry is, for prep_errors.jsonl and the shard records: the manifest and line, or for a table
+        row its parquet file and row."""
+        if self.table is not None:
+            return self.table.place(entry)
+        return {"manifest": str(self.manifest), "line": int(entry.line)}

@@ -9,6 +9,7 @@ manifest line; it never shifts another sample's audio.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -23,8 +24,9 @@ from ..constants import CODE_FRAMES_PER_SECOND, CODEC_SAMPLE_RATE as CODEC_SR, I
 from ..data.shards import ShardWriter, estimated_length
 from ..errors import AudioError, ManifestError, PrepError, UserError
 from ..text.chatml import AudioItem, Encoded, encode_chatml, expand_audio_in, parse_chatml
-from .manifest import BadEntry, ChatmlEntry, Entry, JsonlLine
+from .manifest import BadEntry, ChatmlEntry, Entry, JsonlLine, TableRow
 from .settings import WorkerSettings
+from .table import TableReader
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose peak stays below this is treated as silent
 WINDOW = 32  # manifest entries processed together (codec batching, bounded memory)
@@ -102,14 +104,18 @@ class Staged:
 
 
 class ErrorLog:
-    """The skipped entries of one shard, as prep_errors.jsonl rows."""
+    """The skipped entries of one shard, as prep_errors.jsonl rows; `where(line)` says where an entry is (its
+    manifest and line, or its parquet file and row)."""
 
-    def __init__(self, manifest: str):
-        self.manifest = manifest
-        self.rows: list[dict] = []
+    def __init__(self, where):
+        self.where = where
+        self.rows: list[tuple[int, dict]] = []
 
     def add(self, line: int, kind: str, reason: str, sid: str | None = None) -> None:
-        self.rows.append({"manifest": self.manifest, "line": int(line), "id": sid, "kind": kind, "reason": reason})
+        self.rows.append((int(line), {**self.where(line), "id": sid, "kind": kind, "reason": reason}))
+
+    def in_order(self) -> list[dict]:
+        return [r for _, r in sorted(self.rows, key=lambda x: x[0])]
 
 
 class Worker:
@@ -123,6 +129,7 @@ class Worker:
         self.tok = tok if tok is not None else TextTokenizer.from_dir(settings.tokenizer_dir)
         self.codec = None
         self.C = settings.model.num_codebooks
+        self.table = None  # TableReader, made on the first table row
 
     # -------------------------------------------------------------- helpers
     def get_codec(self):
@@ -283,18 +290,18 @@ class Worker:
     # -------------------------------------------------------------- one shard
     def run(self, job: ShardJob) -> ShardResult:
         writer = ShardWriter(self.s.out, job.name, self.C, (job.first, job.last))
-        errors = ErrorLog(str(self.s.manifest))
+        by_line = {e.line: e for e in job.entries}
+        errors = ErrorLog(lambda line: self.s.place(by_line[line]))
         codes_cache: dict = {}  # key -> codes (or the codec's exception), shared by the shard's windows
         try:
-            with open(self.s.manifest, "rb") as manifest:
+            with open(self.s.manifest, "rb") if self.s.table is None else contextlib.nullcontext() as manifest:
                 for w0 in range(0, len(job.entries), WINDOW):
                     window = job.entries[w0:w0 + WINDOW]
                     parsed = self.parse_window(window, manifest, errors)
                     staged = self.stage_window(parsed, codes_cache, errors)
                     seconds = self.write_window(staged, codes_cache, writer, errors)
                     self.report(len(window), seconds)
-            errors.rows.sort(key=lambda x: x["line"])
-            meta = writer.close(errors.rows)
+            meta = writer.close(errors.in_order())
         except BaseException:
             writer.abort()
             raise
@@ -321,11 +328,14 @@ class Worker:
                 errors.add(e.line, me.kind, str(me), sid)
         return parsed
 
-    @staticmethod
-    def entry_object(e: JsonlLine | ChatmlEntry, manifest: BinaryIO) -> object:
-        """The entry's JSON value; a .jsonl line is read from the manifest here."""
+    def entry_object(self, e: JsonlLine | TableRow | ChatmlEntry, manifest: BinaryIO | None) -> object:
+        """The entry's JSON value; a .jsonl line is read from the manifest here, a table row from its row group."""
         if isinstance(e, ChatmlEntry):
             return e.obj
+        if isinstance(e, TableRow):
+            if self.table is None:
+                self.table = TableReader(self.s.table)
+            return self.table.sample(e)
         manifest.seek(e.offset)
         try:
             txt = manifest.read(e.length).decode("utf-8")
@@ -390,8 +400,9 @@ class Worker:
                 if length > limit:
                     raise ManifestError(f"{length} merged tokens exceed {limit_name}", "too_long")
                 duration = sum(frames) / CODE_FRAMES_PER_SECOND
-                writer.add(sample, source=str(self.s.manifest), line=st.parsed.line, speaker=st.parsed.enc.speaker,
-                           duration=duration, length=length)
+                place = errors.where(st.parsed.line)
+                writer.add(sample, source=place["manifest"], line=place.get("line", place.get("row")),
+                           speaker=st.parsed.enc.speaker, duration=duration, length=length)
                 seconds += duration
             except ManifestError as me:
                 errors.add(st.parsed.line, me.kind, str(me), st.parsed.sid)

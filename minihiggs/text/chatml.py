@@ -95,7 +95,8 @@ def _check_text(s: Any, where: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ManifestError(f"{where}: text is not valid UTF-8 ({e.reason} at {e.start})", "bad_text_encoding")
+        raise ManifestError(f"{where}: text is not valid UTF-8 ({e.reason} at {e.start})",
+                            "bad_text_encoding") from None
     return s
 
 
@@ -181,6 +182,11 @@ def parse_chatml(obj: Any, base_dir: str | None = None) -> ChatMLSample:
                 norm.append(a)
             else:
                 raise ManifestError(f"{w}: unknown content type {typ!r}", "unknown_field")
+        if role == "user" and all(it["type"] == "text" for it in norm) and not "".join(
+                it["text"] for it in norm).strip():
+            # A transcript left empty (e.g. ingest without ASR, not yet reviewed): the audio that answers it would
+            # be trained as speech for no text.
+            raise ManifestError(f"{where}: empty text (a user turn needs its transcript)", "empty_text")
         out.append({"role": role, "content": norm, "recipient": recipient or None})
     return ChatMLSample(messages=out, start_index=start_index, speaker=speaker, misc=misc, id=sid)
 
