@@ -12,7 +12,10 @@
    reference (another of its utterances), from the base model and from the fine-tuned adapter; the demo prints
    the share of generated codes that continue the speaker's motif (base vs fine-tuned) and writes the WAVs.
    The demo has no real audio tokenizer: `minihiggs.codec.tiny` writes a random decode-only one (real
-   architecture, ~90 MB), so the WAVs are a noise-like texture that follows the codes, not speech.
+   architecture, ~90 MB), so the WAVs are a noise-like texture that follows the codes, not speech;
+5. eval: `python -m minihiggs.eval` scores the validation split, base vs fine-tuned, side by side, with the tiny
+   RANDOM Whisper and WavLM scorers of `minihiggs.eval.tiny` (the helper the tests use): their WER/CER/SIM are
+   meaningless numbers, while the cheap signals (duration ratio, silence, EOS, repeated frames, flags) are real.
 
 Everything is written under demo_out/ (removed and rebuilt on each run).
 """
@@ -103,6 +106,17 @@ def speak(base: Path, adapter: Path, codec: Path, speakers: dict, out: Path) -> 
     return shares
 
 
+def evaluate(base: Path, adapter: Path, codec: Path, shards: Path, scorers: tuple[Path, Path], out: Path) -> str:
+    """`python -m minihiggs.eval` on the validation split, base vs fine-tuned; returns its table (summary.md)."""
+    asr, sv = scorers
+    # greedy, RAS off: as the speak step (the motifs repeat every 6 frames)
+    sh([PY, "-m", "minihiggs.eval", "--shards", shards, "--val_fraction", 0.1, "--base_ckpt", base,
+        "--model", f"base={base}", "--model", f"tuned={adapter}", "--codec", codec, "--asr_model", asr,
+        "--sv_model", sv, "--temperature", 0, "--ras_win", 0, "--max_new_frames", 60, "--out_dir", out,
+        "--no_progress"], stdout=subprocess.DEVNULL)
+    return (out / "summary.md").read_text().rstrip()
+
+
 def losses(metrics: Path, split: str) -> list[tuple[int, float]]:
     from minihiggs.metrics.jsonl import read_metrics, series
 
@@ -132,6 +146,9 @@ def main() -> int:
     from minihiggs.codec.tiny import write_random_decoder
 
     codec = write_random_decoder(OUT / "codec")  # decode-only, random: see the module docstring
+    from minihiggs.eval.tiny import write_tiny_asr, write_tiny_speaker
+
+    scorers = write_tiny_asr(OUT / "scorers" / "asr"), write_tiny_speaker(OUT / "scorers" / "sv")  # random weights
 
     from minihiggs.tiny import write_voices
 
@@ -143,14 +160,16 @@ def main() -> int:
     sh([PY, "prep.py", "--manifest", manifest, "--out", shards, "--base_ckpt", base, "--no_progress"])
 
     print(f"== 4. train {STEPS} steps (validation every 20 steps, a checkpoint every {STEPS // 2}, audio samples at "
-          f"the first and last step)")
+          f"the first and last step, scored)")
     run = OUT / "run"
     common = ["--train_manifest", shards, "--base_ckpt", base, "--batch_size", 4, "--grad_accum", 2,
               "--max_steps", STEPS, "--lr", 3e-3, "--warmup", 10, "--lora_r", 16, "--lora_alpha", 32,
               "--lora_dropout", 0.05, "--val_fraction", 0.1, "--log_steps", 5, "--val_steps", 20,
               "--save_steps", STEPS // 2, "--seed", 0, "--sample_steps", STEPS, "--sample_codec", codec,
-              "--sample_max_frames", 40, "--report_to", "tensorboard"]
-    sh([PY, "train.py", *common, "--output_dir", run])
+              "--sample_max_frames", 40, "--report_to", "tensorboard", "--eval_asr", scorers[0],
+              "--eval_sim", scorers[1]]
+    # (the samples scored at steps 0 and 60: cheap signals, and WER/SIM from the random scorers)
+    sh([PY, "train.py", *common, "--output_dir", run, "--eval_steps", STEPS])
 
     print(f"== 5. resume: a second run continues from the step-{STEPS // 2} checkpoint of the first")
     resumed = OUT / "run_resumed"
@@ -168,6 +187,9 @@ def main() -> int:
 
     print("== 7. speak: a held-out sentence per speaker with its reference, base vs fine-tuned (greedy)")
     shares = speak(base, run / "final", codec, speakers, OUT / "speak")
+
+    print("== 8. eval: the validation split, base vs fine-tuned (tiny RANDOM scorers: WER/SIM meaningless)")
+    table = evaluate(base, run / "final", codec, shards, scorers, OUT / "eval")
 
     tr, va = losses(run / "metrics.jsonl", "train"), losses(run / "metrics.jsonl", "val")
     from minihiggs.metrics.jsonl import read_metrics
@@ -188,6 +210,9 @@ def main() -> int:
     print(f"loss plot:             {png if png.is_file() else f'none (needs matplotlib: make plot OUT={run})'}")
     print(f"merged checkpoint:     {merged}")
     print(f"samples during training: {run / 'samples'}")
+    for r in (r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "eval"):
+        print(f"  step {r['step']:3d} samples scored: silence {r['silence']:.2f}, EOS {r['eos']:.2f}, flagged "
+              f"{r['flagged']:.2f}; WER {r['wer']:.2f}, SIM {r.get('sim', float('nan')):.2f} (random scorers)")
     print("\nshare of generated codes that continue the speaker's motif (greedy, held-out sentence, with reference):")
     for name, v in shares.items():
         print(f"  {name:5s} base {v['base']:.2f}  ->  fine-tuned {v['tuned']:.2f}   (fine-tuned vs the other speakers' "
@@ -197,6 +222,10 @@ def main() -> int:
     print(f"  mean  base {base_mean:.2f}  ->  fine-tuned {tuned_mean:.2f}")
     print(f"WAVs: {OUT / 'speak' / 'base'}, {OUT / 'speak' / 'tuned'}  (random demo codec: noise-like, not speech)")
     print('say something else: make speak TEXT="Your sentence." SPEAKER=ben')
+    print(f"\neval of the validation split (python -m minihiggs.eval; {OUT / 'eval'}):\n{table}")
+    print("  WER/CER/SIM come from tiny scorers with RANDOM weights: meaningless numbers here (real ones: --asr_model\n"
+          "  openai/whisper-large-v3 --sv_model microsoft/wavlm-base-plus-sv). The cheap signals are real: dur ratio\n"
+          "  (to the recorded utterance), silence %, EOS % (clips the model ended itself), repeat %, flagged %.")
     ok = same and va[-1][1] < va[0][1] and tr[-1][1] < tr[0][1] and abs(check[0] - check[1]) < 1e-3 * check[0] \
         and tuned_mean > base_mean
     if not ok:

@@ -80,6 +80,21 @@ def inject(what: str) -> None:
 
         Engine.generate = generate
         return
+    if what.startswith("scoring_"):  # scoring_SIGTERM_2: that signal in the 2nd transcription of the samples
+        from minihiggs.eval.asr import Transcriber
+
+        _, sig, nth = what.split("_")
+        real_transcribe, calls = Transcriber.transcribe, []
+
+        def transcribe(self, *a, **k):
+            calls.append(1)
+            if len(calls) == int(nth):
+                os.kill(os.getpid(), getattr(signal, sig))
+                time.sleep(0.5)  # (the handler runs here)
+            return real_transcribe(self, *a, **k)
+
+        Transcriber.transcribe = transcribe
+        return
     if what == "slow_save":  # each checkpoint takes 3 s more: a signal surely arrives while it is written
         real_save = recipe.ckpt_io.save_checkpoint
 

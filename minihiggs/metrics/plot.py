@@ -5,6 +5,9 @@ loss per codebook, and the validation teacher-forced top-1 audio accuracy per co
 redraws `loss.png` at every validation, so a running job can be looked at; without matplotlib there is no PNG
 (`MATPLOTLIB_NOTE` says how to get one). Only matplotlib's object API is used (a `Figure` with the Agg canvas, no
 pyplot): no global backend switch, no GUI.
+
+A fifth panel appears once the run has scored its audio samples (`"split": "eval"` records, train/scoring.py): WER,
+CER and SIM (at --eval_steps) and the cheap signals (silence share, EOS share, flagged share), on one axis.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ MATPLOTLIB_NOTE = ("no loss.png: matplotlib is not installed (pip install matplo
                    "requirements-extras.txt; then `make plot OUT=<output_dir>` draws it from metrics.jsonl)")
 
 
+EVAL_CURVES = [("wer", "WER"), ("cer", "CER"), ("sim", "SIM"), ("silence", "silence share"), ("eos", "EOS share"),
+               ("flagged", "flagged share")]
+
+
 def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -31,14 +38,15 @@ def render_metrics_png(metrics_path: str | Path, out_path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     recs = read_metrics(metrics_path)
-    fig = Figure(figsize=(20, 4.6), dpi=100, layout="constrained")
+    scored = any(r.get("split") == "eval" for r in recs)
+    fig = Figure(figsize=(25 if scored else 20, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    total, parts, per_cb, acc = fig.subplots(1, 4)
+    total, parts, per_cb, acc, *samples = fig.subplots(1, 5 if scored else 4)
 
     def draw(ax, split: str, key: str, label: str, **kw) -> None:
         steps, values = series(recs, split, key)
         if steps:
-            ax.plot(steps, values, label=label, marker="o" if split == "val" else None, markersize=3, **kw)
+            ax.plot(steps, values, label=label, marker="o" if split != "train" else None, markersize=3, **kw)
 
     draw(total, "train", "loss", "train")
     draw(total, "val", "loss", "val")
@@ -61,7 +69,11 @@ def render_metrics_png(metrics_path: str | Path, out_path: str | Path) -> Path:
     draw_per_codebook(acc, "audio_acc_per_codebook")
     draw(acc, "val", "audio_acc", "mean", color="black", linewidth=2.5)
     acc.set_title("val audio top-1 accuracy (teacher-forced)")
-    for ax in (total, parts, per_cb, acc):
+    for ax in samples:
+        for key, label in EVAL_CURVES:
+            draw(ax, "eval", key, label)
+        ax.set_title("audio samples, scored")
+    for ax in (total, parts, per_cb, acc, *samples):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ..cli import flag as _flag, parse_flags
 from ..constants import DEFAULT_BASE_REPO
 from ..errors import TrainConfigError
+from ..eval.asr import DEFAULT_ASR
+from ..eval.speaker import DEFAULT_SV
 from ..lora.apply import DEFAULT_TARGETS
 from ..metrics.logger import parse_report_to
 from .schedule import SCHEDULES
@@ -56,7 +58,8 @@ class TrainConfig:
     keep_checkpoints: int = _flag(3, "newest checkpoints kept (0: keep all)", "logging, checkpoints, runtime")
     resume: str | None = _flag(None, "a checkpoint dir, or 'latest' (newest in --output_dir; a fresh start if none)",
                                "logging, checkpoints, runtime", metavar="DIR|latest")
-    early_stopping_patience: int | None = _flag(None, "stop after this many validations without a new best loss",
+    early_stopping_patience: int | None = _flag(None, "stop after this many validations (with --best_metric wer|sim:"
+                                                      " scorings) without a new best",
                                                 "logging, checkpoints, runtime")
     dtype: str | None = _flag(None, "base model dtype (default bf16 on GPU, fp32 on CPU); LoRA weights are always "
                                     "fp32", "logging, checkpoints, runtime", choices=sorted(DTYPES))
@@ -79,6 +82,16 @@ class TrainConfig:
                                            "from the shards' index)", "samples")
     sample_max_frames: int = _flag(500, "decoding iterations per sample at most (25 per second of audio); a default "
                                         "sample also stops at twice its own recorded length", "samples")
+    # -- scoring those samples (minihiggs/train/scoring.py; the cheap signals need no flag)
+    eval_steps: int = _flag(0, "score the samples with WER/CER and SIM every N steps, at step 0 and the last step "
+                               "(samples are generated then too; 0: off)", "scoring the samples")
+    eval_asr: str = _flag(DEFAULT_ASR, "Whisper ASR for WER/CER: directory or Hub id (128-mel: large-v3 or -turbo)",
+                          "scoring the samples")
+    eval_sim: str = _flag(DEFAULT_SV, "speaker-verification model for SIM (WavLMForXVector): directory or Hub id",
+                          "scoring the samples")
+    best_metric: str = _flag("loss", "what chooses best/ and drives early stopping: validation loss, or the "
+                                     "samples' WER or SIM (needs --eval_steps)", "scoring the samples",
+                             choices=("loss", "wer", "sim"))
 
     def validate(self) -> "TrainConfig":
         if self.lora_targets is not None:
@@ -92,6 +105,14 @@ class TrainConfig:
             raise TrainConfigError("--max_steps must be >= 1")
         if self.sample_steps is not None and self.sample_steps < 0 or self.sample_max_frames < 1:
             raise TrainConfigError("--sample_steps must be >= 0 and --sample_max_frames >= 1")
+        if self.eval_steps < 0:
+            raise TrainConfigError("--eval_steps must be >= 0")
+        if self.best_metric != "loss" and not self.eval_steps:
+            raise TrainConfigError(f"--best_metric {self.best_metric} needs --eval_steps N (the samples are scored "
+                                   f"then)")
+        if self.best_metric != "loss" and self.fsdp:
+            raise TrainConfigError(f"--best_metric {self.best_metric}: samples (and so their scores) are not "
+                                   f"available with --fsdp; use --best_metric loss")
         if self.log_steps < 1 or self.val_steps < 0 or self.save_steps < 0 or self.keep_checkpoints < 0:
             raise TrainConfigError("--log_steps must be >= 1; --val_steps, --save_steps and --keep_checkpoints >= 0")
         if not 0.0 <= self.lr < 1e30:  # (beyond float32's range, AdamW's step size raises mid-run)

@@ -43,6 +43,7 @@ from .preflight import check_output_dir, check_shards_dir, read_model_config
 from .schedule import build_scheduler, load_scheduler_state, warmup_steps
 from .signals import StopRequest
 from .samples import TrainingSamples
+from .scoring import HIGHER_IS_BETTER
 from .state import TrainState
 from .step import evaluate, forward_backward, loss_fields
 
@@ -126,6 +127,7 @@ class LoRARecipe:
         # restore
         self.last_saved = -1  # the step of the newest checkpoint of this run (-1: none)
         self.last_val = -1  # the step of the last validation (-1: none)
+        self.judged_at = -1  # the step of the last value of --best_metric (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -171,6 +173,7 @@ class LoRARecipe:
         self.warmup = warmup_steps(cfg.warmup, self.state.total_steps)
         self.samples = TrainingSamples(cfg, self.ds, self.train_idx, self.val_idx, env, self.log, self.say,
                                        self.stop)
+        self.samples.load_scorers()  # (before the model: a wrong --eval_asr / --eval_sim is an error within seconds)
 
     def setup_model(self) -> None:
         """The base model (frozen), LoRA (fp32, identical on every rank), compile, and the DDP/FSDP2 wrapper."""
@@ -261,22 +264,50 @@ class LoRARecipe:
             self.say(f"step {s.step}: validation interrupted by {self.stop.signal}")
             return None
         self.last_val = s.step
-        improved = rep["total"] < s.best_val
-        if improved:
-            s.best_val, s.best_step, s.bad_evals = rep["total"], s.step, 0
-            ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "best" if self.env.is_main else None,
-                                           self.env, self.base,
-                                           info=("best.json", {"step": s.step, "val": loss_fields(rep)}))
-        else:
-            s.bad_evals += 1
+        improved = self.cfg.best_metric == "loss" and self.judge(rep["total"], {"val": loss_fields(rep)})
         self.log.log({"split": "val", "step": s.step, **loss_fields(rep), "text_targets": rep["text_targets"],
                       "audio_targets": rep["audio_targets"], "best": improved})
         self.say(f"step {s.step}: val loss {rep['total']:.4f} (text {rep['text_loss']:.4f}, audio "
                  f"{rep['audio_loss']:.4f}){' *best*' if improved else ''}")
         if self.stop.signal is None:  # (after a stop request the plot comes after the checkpoint)
             self.render_plot()  # redrawn at every validation: a running job can be looked at
-        self.samples.maybe_write(self.train_model, s.step, validated=True)  # (skipped after a stop request)
+        self.write_samples(validated=True)  # (skipped after a stop request)
         return rep
+
+    def judge(self, value: float, info: dict) -> bool:
+        """One value of --best_metric (every rank, the same value): a new best writes best/ (with best.json:
+        the step, the metric and `info`), anything else counts towards early stopping. Returns whether it was a
+        new best."""
+        s, metric = self.state, self.cfg.best_metric
+        self.judged_at = s.step
+        sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
+        if not math.isfinite(value) or (s.best_step is not None and not sign * value < sign * s.best_val):
+            s.bad_evals += 1
+            return False
+        s.best_val, s.best_step, s.bad_evals = value, s.step, 0
+        ckpt_io.save_adapter_all_ranks(self.train_model, self.out / "best" if self.env.is_main else None, self.env,
+                                       self.base, info=("best.json", {"step": s.step, "metric": metric,
+                                                                      "value": value, **info}))
+        return True
+
+    def write_samples(self, validated: bool = False, final: bool = False) -> None:
+        """The samples of this step when due (rank 0 writes them, scored at --eval_steps); with --best_metric
+        wer|sim, the score is then shared with every rank (a collective: each rank calls this at the same points)
+        and judged. A scoring abandoned by a stop request judges nothing."""
+        s, metric = self.state, self.cfg.best_metric
+        scored = self.samples.scoring_due(s.step, final)
+        self.samples.maybe_write(self.train_model, s.step, validated=validated, final=final)
+        if not scored or metric == "loss":
+            return
+        rec = self.samples.record or {}
+        got = torch.tensor([float(rec[metric]) if metric in rec else 0.0, 1.0 if metric in rec else 0.0],
+                           dtype=torch.float64, device=self.device)
+        value, have = all_reduce_sum(got).tolist()  # (only rank 0 contributes)
+        if have:
+            improved = self.judge(value, {"eval": {k: v for k, v in rec.items() if isinstance(v, float)}})
+            self.say(f"step {s.step}: samples {metric} {value:.4f}{' *best*' if improved else ''}")
+        elif self.samples.record is not None:  # scored, but without that metric (SIM: no prompt has a reference)
+            self.say(f"step {s.step}: the samples have no {metric}: --best_metric {metric} has nothing to judge")
 
     def next_micro_batches(self, batches) -> tuple[list, bool]:
         """The step's micro-batches (fewer at the end of an epoch) and whether the epoch ends with them."""
@@ -301,7 +332,7 @@ class LoRARecipe:
         if self.saved is None and self.val_set and cfg.val_steps and self.validate() is None:  # the untrained baseline
             stop_reason = "signal"
         if self.saved is None and stop_reason is None:
-            self.samples.maybe_write(self.train_model, 0)
+            self.write_samples()
         from tqdm import tqdm
 
         self.pbar = tqdm(total=s.total_steps, initial=s.step, disable=not self.env.is_main, unit="step",
@@ -377,16 +408,18 @@ class LoRARecipe:
         # Validation and samples take long: a stop request during them must not wait for another step. (Every
         # rank knows whether they were due, so every rank takes part in the check, a collective.)
         long_work = val_due or self.samples.due(s.step, validated=val_due)
-        if val_due:
-            if self.validate() is None:
-                stop_reason = "signal"
-            elif cfg.early_stopping_patience and s.bad_evals >= cfg.early_stopping_patience:
-                stop_reason = "early_stop"
-                self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step,
-                              "best_val": s.best_val})
-                self.say(f"early stopping: no better validation loss for {s.bad_evals} validations "
-                         f"(best {s.best_val:.4f} at step {s.best_step})")
-        self.samples.maybe_write(self.train_model, s.step)
+        if val_due and self.validate() is None:
+            stop_reason = "signal"
+        if stop_reason is None:
+            self.write_samples()
+        if stop_reason is None and self.judged_at == s.step and cfg.early_stopping_patience and \
+                s.bad_evals >= cfg.early_stopping_patience:
+            stop_reason = "early_stop"
+            what = "validation loss" if cfg.best_metric == "loss" else f"samples {cfg.best_metric}"
+            self.log.log({"event": "early_stop", "step": s.step, "best_step": s.best_step, "best_val": s.best_val,
+                          "best_metric": cfg.best_metric})
+            self.say(f"early stopping: no better {what} for {s.bad_evals} evaluations "
+                     f"(best {s.best_val:.4f} at step {s.best_step})")
         if long_work and stop_reason is None and self.stop_agreed():
             return "signal"
         if cfg.save_steps and s.step % cfg.save_steps == 0:
@@ -435,9 +468,9 @@ class LoRARecipe:
             print(f"minihiggs train: {env.world_size} x {self.device.type} ({mode}), base {self.dtype} from "
                   f"{cfg.base_ckpt}, compile={self.use_compile}")
             print(self.lora_report.summary())
-            print(f"data: {len(self.train_idx)} train / {len(self.val_idx)} val samples; {self.n_batches} micro-batches "
-                  f"per rank per epoch, {self.steps_per_epoch} steps per epoch; {s.total_steps} steps, warmup "
-                  f"{self.warmup}, {cfg.lr_schedule} LR {cfg.lr:g}")
+            print(f"data: {len(self.train_idx)} train / {len(self.val_idx)} val samples; {self.n_batches} "
+                  f"micro-batches per rank per epoch, {self.steps_per_epoch} steps per epoch; {s.total_steps} steps, "
+                  f"warmup {self.warmup}, {cfg.lr_schedule} LR {cfg.lr:g}")
             if self.resume_from is not None:
                 print(f"resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
                       f"{s.batches_in_epoch})")
@@ -478,8 +511,8 @@ class LoRARecipe:
             self.train_model, self.out / "final" if env.is_main else None, env, self.base,
             info=("final.json", {"step": s.step, "best_step": s.best_step,
                                  "best_val": None if math.isinf(s.best_val) else s.best_val,
-                                 "stop_reason": stop_reason or "done"}))
-        self.samples.maybe_write(self.train_model, s.step, final=True)  # (after the checkpoint: it may be abandoned)
+                                 "best_metric": self.cfg.best_metric, "stop_reason": stop_reason or "done"}))
+        self.write_samples(final=True)  # (after the checkpoint: it may be abandoned)
         self.log.log({"event": "end", "step": s.step, "reason": stop_reason or "done", "best_step": s.best_step})
         png = self.render_plot()
         self.say(f"done: {s.step} steps. adapter {self.out / 'final'}; best "

@@ -7,8 +7,10 @@
                                            # speaker's reference when it has none
 
 Rank 0 writes `output_dir/samples/step-N/<name>.wav` + `<name>.npy` (the directory appears complete, by one
-rename) and a metrics.jsonl record `{"event": "samples", "step": N, "dir": ..., "files": [...]}`. The other ranks
-do not wait for it at any barrier: they go on to the next step and meet rank 0 at its first collective.
+rename) and a metrics.jsonl record `{"event": "samples", "step": N, "dir": ..., "files": [...]}`, then the clips'
+scores (`scoring.py`: the cheap signals always, WER/CER/SIM at `--eval_steps`; samples are also generated at those
+steps). The other ranks do not wait for it at any barrier: they go on to the next step and meet rank 0 at its
+first collective.
 
 Cost: decoding runs one forward per audio frame. A default sample (a validation sample) decodes at most twice its
 own recorded length (plus the codebook delay), never more than `--sample_max_frames`; on CPU one sample is
@@ -28,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-from ..constants import DEFAULT_CODEC_REPO
+from ..constants import CODE_FRAMES_PER_SECOND, DEFAULT_CODEC_REPO
 from ..text.chatml import DEFAULT_SCENE
 from ..data.dataset import ShardDataset
 from ..errors import UserError
 from ..fsio import atomic_dir, atomic_write_bytes
 from ..generate.engine import Engine, Request
 from ..generate.loading import STOP_TOKEN_NAMES
-from ..generate.output import npy_bytes, write_generation
+from ..generate.output import npy_bytes, wav_bytes
 from ..generate.prompt import Prompt, prompt_from_sample, reference_from_sample, tts_prompt
 from ..generate.sampling import SamplingConfig
 from ..generate.speak import Item, References, read_prompts
@@ -44,6 +46,7 @@ from ..text.tokenizer import TextTokenizer
 from ..wrappers import unwrap
 from .checkpointing import rng_state, set_rng_state
 from .distributed import DistEnv, is_fsdp
+from .scoring import SampleScorer
 from .signals import StopRequest
 
 DEFAULT_COUNT = 4  # validation samples used when no --sample_prompts is given (on CUDA)
@@ -66,30 +69,53 @@ class TrainingSamples:
         self.every = cfg.sample_steps  # None: with every validation; 0: off
         self.out = Path(cfg.output_dir) / "samples"
         self.last_step: int | None = None
-        self.enabled = self.every != 0 and (cfg.sample_prompts is not None or len(val_idx) > 0)
+        self.scorer = SampleScorer(cfg, env.device)
+        self.enabled = (self.every != 0 or bool(self.scorer.every)) and \
+            (cfg.sample_prompts is not None or len(val_idx) > 0)
+        # Decided once, the same on every rank (not changed when rank 0 turns samples off): the ranks' calls to
+        # the scores' collective (recipe.write_samples) must match.
+        self.scoring_on = self.enabled and bool(self.scorer.every)
+        self.record: dict | None = None  # the eval record (scoring.py) of the last samples written, if any
         # The prompts file is parsed on every rank at setup: a bad file stops the run before training starts.
         self.items: list[Item] | None = \
             read_prompts(cfg.sample_prompts, self.out, DEFAULT_SCENE) if cfg.sample_prompts else None
         self._ready = False
         self._prompts: list[Prompt] = []
         self._frames: list[int] = []  # each prompt's decoding budget
+        self._texts: list[str] = []  # what each prompt should say (WER/CER reference)
+        self._refs: list[torch.Tensor | None] = []  # each prompt's voice-reference codes (SIM), if it has one
+        self._truth_s: list[float | None] = []  # each prompt's ground-truth duration (duration ratio), if known
         self._codec = None
         self.tok = None
         self.stop_tokens: tuple[int, ...] = ()
+
+    def load_scorers(self) -> None:
+        """Rank 0 loads the --eval_steps scorers at setup, so that a wrong --eval_asr / --eval_sim stops the run
+        before training. (Building a model draws from the global RNG; that is harmless here: the recipe's
+        `restore` sets every stream after setup, from the seed or from the checkpoint.)"""
+        if self.env.is_main and self.scoring_on:
+            self.scorer.load()
 
     # ---- when ---------------------------------------------------------------------------------------------------
     def due(self, step: int, validated: bool = False, final: bool = False) -> bool:
         if not self.enabled or step == self.last_step:
             return False
+        if self.scoring_due(step, final):
+            return True
         if self.every is None:
             return validated
-        return step % self.every == 0 or final
+        return self.every != 0 and (step % self.every == 0 or final)
+
+    def scoring_due(self, step: int, final: bool = False) -> bool:
+        """Whether the samples of `step` are to be scored with WER/CER/SIM (the same answer on every rank)."""
+        return self.scoring_on and step != self.last_step and self.scorer.due(step, final)
 
     def maybe_write(self, train_model: torch.nn.Module, step: int, validated: bool = False,
                     final: bool = False) -> None:
         if not self.due(step, validated, final):
             return
         self.last_step = step
+        self.record = None
         if not self.env.is_main or self.stop.signal is not None:  # (a stop request: the checkpoint comes first)
             return
         if is_fsdp(train_model):
@@ -101,7 +127,7 @@ class TrainingSamples:
         written = False
         try:
             with self.stop.abandonable():
-                self._write(model, step)
+                self._write(model, step, scored=self.scorer.due(step, final))
                 written = True
         except Exception as e:  # a bad reference, a missing tokenizer, OOM: say so, never fail the run for samples
             self._disable(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
@@ -128,23 +154,27 @@ class TrainingSamples:
         codec = self.cfg.sample_codec or self.ds.index.get("codec") or DEFAULT_CODEC_REPO
         refs = References(self.tok, cfg, str(codec), self.env.device, str(self.ds.path))
         if self.items is not None:
-            self._prompts = [tts_prompt(self.tok, it.text, scene=it.scene, reference=refs.resolve(it), name=it.name)
-                             for it in self.items]
+            voices = [refs.resolve(it) for it in self.items]
+            self._prompts = [tts_prompt(self.tok, it.text, scene=it.scene, reference=v, name=it.name)
+                             for it, v in zip(self.items, voices)]
             self._frames = [self.cfg.sample_max_frames] * len(self._prompts)
+            self._texts = [it.text for it in self.items]
+            self._refs = [None if v is None else v[1] for v in voices]
+            self._truth_s = [None] * len(self._prompts)
         else:
-            self._prompts, self._frames = self._default_prompts(cfg)
+            self._default_prompts(cfg)
         try:
             self._codec = refs.decoder()
         except UserError as e:
             self._codec = None
-            self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only")
+            self.say(f"samples: no audio tokenizer ({e}); writing codes (.npy) only, not scored")
         self._ready = True
 
-    def _default_prompts(self, cfg) -> tuple[list[Prompt], list[int]]:
-        """Up to DEFAULT_COUNT validation samples (DEFAULT_COUNT_CPU on CPU), one per speaker first, and their
+    def _default_prompts(self, cfg) -> None:
+        """Up to DEFAULT_COUNT validation samples (DEFAULT_COUNT_CPU on CPU), one per speaker first, their
         decoding budgets (LENGTH_FACTOR x the sample's own audio, + the codebook delay, at most
-        --sample_max_frames); a sample without a reference of its own gets another utterance of its speaker (from
-        the training split when there is one) as the reference."""
+        --sample_max_frames), texts, references and recorded durations; a sample without a reference of its own
+        gets another utterance of its speaker (from the training split when there is one) as the reference."""
         ds = self.ds
         count = DEFAULT_COUNT if self.env.device.type == "cuda" else DEFAULT_COUNT_CPU
         by_speaker: dict = {}
@@ -152,7 +182,7 @@ class TrainingSamples:
             by_speaker.setdefault(ds.speakers[i], []).append(i)
         order = [lst[0] for _, lst in sorted(by_speaker.items(), key=lambda kv: str(kv[0]))]
         rest = [i for i in self.val_idx if i not in order]
-        prompts, frames = [], []
+        prompts, frames = self._prompts, self._frames
         for i in (order + rest):
             if len(prompts) == count:
                 break
@@ -170,10 +200,14 @@ class TrainingSamples:
             prompts.append(prompt_from_sample(s, self.tok, cfg, reference=ref, name=_safe(ds.sample_ids[i])))
             own = int(s.audio_codes[-1].shape[-1]) if s.audio_codes else self.cfg.sample_max_frames
             frames.append(min(self.cfg.sample_max_frames, LENGTH_FACTOR * own + cfg.audio_num_codebooks))
-        return prompts, frames
+            self._texts.append(self.tok.decode(reference_from_sample(s, self.tok, cfg)[0]))
+            # (own reference: the sample's first audio-out segment; no audio-in here, so audio_codes[0])
+            self._refs.append(ref[1] if ref is not None else
+                              s.audio_codes[0][:cfg.audio_num_codebooks].long() if own_ref else None)
+            self._truth_s.append(own / CODE_FRAMES_PER_SECOND if s.audio_codes else None)
 
     @torch.no_grad()
-    def _write(self, model, step: int) -> None:
+    def _write(self, model, step: int, scored: bool) -> None:
         t0 = time.perf_counter()
         if not self._ready:
             self._setup(model)
@@ -182,18 +216,25 @@ class TrainingSamples:
         reqs = [Request(p, sampling, n) for p, n in zip(self._prompts, self._frames)]
         gens = Engine(model, stop_tokens=self.stop_tokens, cuda_graphs=False).generate(reqs)
         final = self.out / f"step-{step:08d}"
-        files = []
+        k = model.config.audio_num_codebooks
+        codes = [c if c.numel() else torch.zeros(k, 0, dtype=torch.long) for c in (g.codes() for g in gens)]
+        files, waves = [], []
         with atomic_dir(final, replace=True) as tmp:
-            for p, gen in zip(self._prompts, gens):
-                gen.name = p.name
+            for p, gen, c in zip(self._prompts, gens, codes):
+                atomic_write_bytes(tmp / f"{p.name}.npy", npy_bytes(c.numpy()))
                 if self._codec is not None:
-                    info = write_generation(gen, self._codec, tmp / f"{p.name}.wav")
-                else:
-                    atomic_write_bytes(tmp / f"{p.name}.npy", npy_bytes(gen.codes().numpy()))
-                    info = {"frames": gen.frames}
-                files.append({"name": p.name, "frames": info["frames"], "stop": gen.stop_reason})
+                    waves.append(self._codec.decode(c) if c.shape[1] else torch.zeros(0))
+                    atomic_write_bytes(tmp / f"{p.name}.wav", wav_bytes(waves[-1], self._codec.sample_rate))
+                files.append({"name": p.name, "frames": int(c.shape[1]), "stop": gen.stop_reason})
         seconds = round(time.perf_counter() - t0, 2)
         self.log.log({"event": "samples", "step": step, "dir": str(final), "files": files, "seconds": seconds,
                       "audio": self._codec is not None})
-        self.say(f"step {step}: {len(files)} samples -> {final} ({seconds:.1f} s)")
+        if self._codec is not None:  # (the signals need the waveform)
+            self.record = self.scorer.record(step, [p.name for p in self._prompts], self._texts, waves, codes,
+                                             [g.stop_reason for g in gens], self._truth_s, self._refs, self._codec,
+                                             seconds, scored)
+            self.log.log(self.record)
+        scores = "" if self.record is None else "; " + ", ".join(
+            f"{k} {self.record[k]:.2f}" for k in ("wer", "sim", "silence", "flagged") if k in self.record)
+        self.say(f"step {step}: {len(files)} samples -> {final} ({seconds:.1f} s{scores})")
 
