@@ -64,7 +64,8 @@ def test_resume_is_bitwise_identical(straight, shards, tiny_ckpt, tmp_path):
     sb = ckpt_io.load_trainer_state(resumed / "checkpoints" / "step-00000012")
     for k, v in sa["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
-    assert (sa["epoch"], sa["batches_in_epoch"]) == (sb["epoch"], sb["batches_in_epoch"]) == (1, 6)  # 17 batches: 9 steps in epoch 0
+    # 17 batches: 9 steps in epoch 0
+    assert (sa["epoch"], sa["batches_in_epoch"]) == (sb["epoch"], sb["batches_in_epoch"]) == (1, 6)
     # the resumed history continues the old one: metrics after the resume point only
     recs = read_metrics(resumed / "metrics.jsonl")
     assert recs[0]["event"] == "resume" and min(r["step"] for r in recs if r.get("split")) > 6
