@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-extras test-reference lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate bench-eval clean
+.PHONY: venv test test-heavy test-extras test-reference lint demo speak serve bench-serve smoke prep train plot bench-codec bench bench-generate bench-eval clean
 
 venv: $(STAMP)
 
@@ -17,9 +17,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# The whole suite except the tests of the optional extras (those run in `make test-extras`).
+# The whole suite except the tests of the optional extras (`make test-extras`) and a few slow end-to-end checks
+# (`make test-heavy`: the transformers-layout command chain, FSDP2 resume with dropout, DDP with scoring).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not extras" tests
+	$(PY) -m pytest -q -m "not extras and not heavy" tests
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -m "heavy and not extras" tests
 
 # The optional extras (requirements-extras.txt: tensorboard, wandb, matplotlib) and the tests that need them.
 EXTRAS := $(VENV)/.extras-installed

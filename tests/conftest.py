@@ -67,6 +67,8 @@ def shards(tmp_path_factory) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "extras: needs an optional extra (tensorboard, wandb, matplotlib); "
                                        "skipped without it, run by `make test-extras`")
+    config.addinivalue_line("markers", "heavy: a slow end-to-end check kept out of `make test` (2-core CI time); "
+                                       "run by `make test-heavy`")
 
 
 @pytest.fixture(scope="module")

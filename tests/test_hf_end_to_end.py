@@ -49,6 +49,7 @@ def chain(tmp_path_factory):
     return root, base, codec
 
 
+@pytest.mark.heavy
 def test_prep_train_generate_export_on_transformers_checkpoints(chain):
     root, base, codec = chain
     assert json.loads((base / "config.json").read_text())["model_type"] == "higgs_audio_v2"

@@ -182,7 +182,7 @@ if __name__ != "__main__":
         assert "FSDP2" in r.stdout
         compare(one_process, out)
 
-    @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+    @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.heavy)])
     def test_resume_with_dropout_is_bitwise(mode, shards, tiny_ckpt, tmp_path):  # noqa: F811
         """2 ranks, dropout on (each rank its own dropout stream, saved per rank): 4 steps straight == 2 steps +
         resume + 2 steps, bitwise; under FSDP2 the optimizer state is gathered at the save and re-sharded at the

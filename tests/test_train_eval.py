@@ -151,6 +151,7 @@ def test_best_metric_needs_eval_steps(shards, ckpt, tmp_path, capsys):  # noqa: 
     assert "--best_metric wer needs --eval_steps N" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_ddp_scoring_and_resume_are_bitwise(shards, ckpt, codec, prompts, scorers, tmp_path):  # noqa: F811
     """2 ranks, dropout on, best/ by WER: rank 0 scores, every rank judges the same value (a collective), and 4
     steps straight == 2 + resume + 2, bitwise, with the same scores after the resume point."""
