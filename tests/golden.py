@@ -12,16 +12,56 @@ the sha256 of init.json so a changed set is never served stale weights.
 from __future__ import annotations
 
 import fcntl
-import json
 import hashlib
+import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+
+
+# ---- float32 parity tolerances ------------------------------------------------------------------------------
+# Ours and the reference both compute in float32 but sum in other orders (other GEMM kernels and blockings, chunked
+# loss heads, another attention backend, B rows instead of one), so a value differs by a few rounding errors of the
+# terms it sums: a part that grows with the value's magnitude (one float32 ulp is 2^-23 ~ 1.2e-7 of it) and, for
+# values near 0, an absolute part left by cancellation of larger terms. So every check is relative + absolute,
+# |ours - ref| <= atol + rtol * |ref| (torch.testing.assert_close), never a bare absolute bound that a set with
+# larger values (losses of 19, logits of 55) would break on another machine's summation order.
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float
+    atol: float
+    # a further absolute part, as a fraction of the compared tensor's largest |ref|: a value near 0 computed from the
+    # same terms as the largest one (a row of logits) carries rounding errors of their size, not of its own
+    of_max: float = 0.0
+
+
+# Hidden states, tower outputs, logits vs the reference forward: the golden README's recommendation (§3.7).
+TENSOR_TOL = Tol(rtol=1e-4, atol=1e-5)
+# Losses (means of logsumexp - target logit, 7 to 19 here): ~80 fp32 ulps relative. The float64 recomputation of
+# the reference's own losses differs by up to 2.3e-6 (README §3.7); a wrong loss definition moves them by >= 1e-2.
+LOSS_TOL = Tol(rtol=1e-5, atol=1e-6)
+# Generation logits / scores (up to ~55 on the text head): ~80 ulps relative, plus ~8 ulps of the largest logit for
+# the small ones. Measured: <= 1.2e-5 between upstream's own cached and full forwards (generate README §6), 1.5e-5
+# between a row batched and alone on other sets; a wrong cache slot or position moves them by O(0.1).
+LOGITS_TOL = Tol(rtol=1e-5, atol=1e-5, of_max=1e-6)
+
+
+def assert_close(ours, ref, what: str, tol: Tol) -> float:
+    """`ours` within `tol` of `ref` (same shape, compared in float64); returns the max |diff| (for reports)."""
+    import torch
+
+    ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
+    finite = ref[ref.isfinite()]
+    atol = tol.atol + (tol.of_max * float(finite.abs().max()) if finite.numel() else 0.0)
+    torch.testing.assert_close(ours, ref, rtol=tol.rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    return float((ours - ref).abs().max()) if ours.numel() else 0.0
 
 
 def golden_root(env: str, default: Path) -> Path:
@@ -32,6 +72,9 @@ MODEL_ROOT = golden_root("MINIHIGGS_GOLDEN", SHARED_GOLDEN / "model")
 CODEC_ROOT = golden_root("MINIHIGGS_GOLDEN_CODEC", SHARED_GOLDEN / "tokenizer")
 WHISPER_ROOT = golden_root("MINIHIGGS_GOLDEN_WHISPER", SHARED_GOLDEN / "whisper_features")
 REAL_ROOT = golden_root("MINIHIGGS_REAL", REPO.parent / "shared" / "real")
+# Facts of the transformers-native layout, gathered independently of this code (its README): key maps from the
+# legacy names (ours) to the new ones and the new keys' shapes.
+REAL_HF_ROOT = golden_root("MINIHIGGS_REAL_HF", REPO.parent / "shared" / "real-hf")
 GENERATE_ROOT = golden_root("MINIHIGGS_GOLDEN_GENERATE", SHARED_GOLDEN / "generate")
 CACHE = Path(os.environ.get("MINIHIGGS_CACHE", str(REPO / ".cache" / "golden")))
 

@@ -75,80 +75,23 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-# ---- an independent reader of TensorBoard event files (TFRecord frames of Event protobufs) --------------------
-
-def crc32c_bitwise(data: bytes) -> int:
-    """CRC-32C bit by bit (no table): an implementation independent of the writer's."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(data: bytes) -> int:
-    c = crc32c_bitwise(data)
-    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
-def parse_message(buf: bytes) -> dict[int, list]:
-    """Protobuf wire format -> {field: [raw values]} (varint ints, fixed64/fixed32 bytes, length-delimited bytes)."""
-    out: dict[int, list] = {}
-    i = 0
-    while i < len(buf):
-        key, i = read_varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = read_varint(buf, i)
-        elif wire == 1:
-            v, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            v, i = buf[i:i + 4], i + 4
-        elif wire == 2:
-            n, i = read_varint(buf, i)
-            v, i = buf[i:i + n], i + n
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        out.setdefault(field, []).append(v)
-    return out
-
+# ---- reading TensorBoard event files back with TensorBoard's own reader ------------------------------------
 
 def read_events(path: Path) -> list[dict]:
-    """Every Event of a file: wall_time, step, file_version, {tag: simple_value}, session_log status."""
-    data = path.read_bytes()
-    events, i = [], 0
-    while i < len(data):
-        header = data[i:i + 8]
-        (n,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked(header), "length CRC"
-        body = data[i + 12:i + 12 + n]
-        assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked(body), "data CRC"
-        i += 16 + n
-        m = parse_message(body)
-        ev = {"wall_time": struct.unpack("<d", m[1][0])[0], "step": m.get(2, [0])[0]}
-        if 3 in m:
-            ev["file_version"] = m[3][0].decode()
-        if 5 in m:
-            ev["values"] = {}
-            for raw in parse_message(m[5][0]).get(1, []):
-                v = parse_message(raw)
-                ev["values"][v[1][0].decode()] = struct.unpack("<f", v[2][0])[0]
-        if 7 in m:  # (6 is the deprecated log_message)
-            ev["session_status"] = parse_message(m[7][0])[1][0]
+    """Every Event of a file as TensorBoard's loader parses it (CRCs checked): wall_time, step, file_version,
+    {tag: simple_value}, session_log status."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    events = []
+    for e in LegacyEventFileLoader(str(path)).Load():  # (the Legacy loader keeps simple_value as written)
+        ev = {"wall_time": e.wall_time, "step": e.step}
+        if e.HasField("file_version"):
+            ev["file_version"] = e.file_version
+        if e.HasField("summary"):
+            ev["values"] = {v.tag: v.simple_value for v in e.summary.value}
+        if e.HasField("session_log"):
+            ev["session_status"] = e.session_log.status
         events.append(ev)
-    assert i == len(data)
     return events
 
 

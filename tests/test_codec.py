@@ -7,7 +7,6 @@ with their input files in `<variant>/clips/<clip>.wav`. Tolerances follow the go
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import shutil
@@ -215,25 +214,37 @@ def test_batched_acoustic_encoder_and_decoder_match_per_clip(codec, variant):
     assert torch.allclose(waves, waves_looped, atol=1e-5, rtol=1e-5), (waves - waves_looped).abs().max()
 
 
-@pytest.mark.parametrize("variant", VARIANT_PARAMS)
-def test_frame_count_formula(codec, variant):
-    """frames(n) agrees with the README's closed forms, including the acoustic re-pad rule."""
-    tok = codec(variant)
-    cfg = tok.cfg
-    pad = 160 * cfg.semantic_downsample
+def conv_arithmetic(cfg: CodecConfig) -> AudioTokenizer:
+    """A tokenizer whose frame arithmetic can run without weights (built on the meta device)."""
+    with torch.device("meta"):
+        return AudioTokenizer(cfg)
 
-    def acoustic(n: int) -> int:
-        for s in cfg.ratios:
-            n = (n + 1) // s if s % 2 else n // s
-        return n
 
-    for n in range(1000, 400_000, 1237):
-        p = math.ceil(n * cfg.semantic_sample_rate / cfg.sample_rate) + 320
-        s = -(-((p - 400) // 320 + 1) // cfg.semantic_downsample)
-        a = acoustic(n)
-        if a != s:
-            a = acoustic(n + 2 * pad)
-        assert tok.frames(n) == min(a, s), n
+@pytest.mark.parametrize("variant,path", CLIP_PARAMS)
+def test_frame_count_of_golden_clips(variant, path):
+    """frames(n) of each golden clip's 24 kHz length is the number of frames the reference encoded (the set's
+    clips include one where acoustic and semantic counts differ and the reference re-padded)."""
+    g = golden(path)
+    tok = conv_arithmetic(CodecConfig.from_file(variant / "config.json"))
+    assert tok.frames(g["input_24k"].shape[-1]) == g["codes"].shape[1]
+
+
+# The released codec's shape (CodecConfig's defaults: 24 kHz in, hop 8*5*4*2*3 = 960, HuBERT at 16 kHz with hop 320,
+# every 2nd frame kept), counted by hand with the golden README's closed forms (tokenizer section): acoustic
+# a1 = T//8, a2 = (a1+1)//5, a3 = a2//4, a4 = a3//2, A = (a4+1)//3; semantic P = ceil(2T/3) + 320,
+# H = (P-400)//320 + 1, S = ceil(H/2); when A != S the acoustic pass re-runs on T + 640; frames = min(A, S).
+FRAMES_BY_HAND = {
+    24000: 25,  # 1 s: A = 3000 -> 600 -> 150 -> 75 -> 25; P = 16320, H = 50, S = 25
+    48000: 50,  # 2 s: A = 6000 -> 1200 -> 300 -> 150 -> 50; P = 32320, H = 100, S = 50
+    7441: 8,  # A = 930 -> 186 -> 46 -> 23 -> 8; P = 4961 + 320, H = 16, S = 8
+    56880: 60,  # A = 7110 -> 1422 -> 355 -> 177 -> 59, S = 60 (P = 38240, H = 119): re-pad, A(57520) = 60
+    240: 0,  # 10 ms: A = 30 -> 6 -> 1 -> 0 -> 0, nothing to encode: refused
+}
+
+
+@pytest.mark.parametrize("n,frames", FRAMES_BY_HAND.items())
+def test_frame_count_by_hand(n, frames):
+    assert conv_arithmetic(CodecConfig()).frames(n) == frames
 
 
 @pytest.mark.parametrize("variant", VARIANT_PARAMS)

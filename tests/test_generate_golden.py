@@ -5,7 +5,7 @@ messages with our prompt builder (must equal `prompt_input_ids`), the model gene
 serve-engine arguments, and everything upstream recorded is compared: generated text tokens, raw audio columns
 `audio_out.<i>`, reverted and decoded-ready codes `audio_codes.<i>`, per-iteration kinds / tokens / cache
 lengths, per-audio-step selections, RAS rows and delay counters — all **exactly**; per-step raw logits and
-processed scores within the golden README's tolerance (§6: atol 1e-4). Also: our cached decoding equals a plain
+processed scores within `golden.LOGITS_TOL` (relative + absolute). Also: our cached decoding equals a plain
 full forward over the fed sequence; the whole case set decoded as one batch gives each row what it got alone;
 the sampler probes (`sampler_probes.*`) and the fast-forward-layer-0 probe (`probes.json`, upstream's quirk 1).
 """
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from generate_helpers import Recorder, case_request, generate_variants, read_cases, teacher_forced
-from golden import GENERATE_ROOT, model_dir
+from golden import GENERATE_ROOT, LOGITS_TOL, Tol, assert_close, model_dir
 from helpers import LLAMA_DIR
 from minihiggs import load_model
 from minihiggs.generate.engine import AUDIO, AUDIO_INIT, TEXT, Engine, Request
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = [v for v in generate_variants(GENERATE_ROOT) if (v / "init.json").is_file()]
 CASES = [(v, c["name"]) for v in VARIANTS for c in read_cases(v)]
-ATOL = 1e-4  # golden README §6 (audio logits up to ~17, text up to ~55)
 FIGURES: dict[str, float] = {}  # max |diff| per compared quantity over all cases (printed at the end)
 
 
@@ -39,11 +38,10 @@ def _note(what: str, diff: float) -> None:
     FIGURES[what] = max(FIGURES.get(what, 0.0), diff)
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor, what: str, atol: float = ATOL) -> None:
+def _close(ours: torch.Tensor, ref: torch.Tensor, what: str, tol: Tol = LOGITS_TOL) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    diff = float((ours.double() - ref.double()).abs().max()) if ours.numel() else 0.0
-    _note(what, diff)
-    assert diff <= atol, f"{what}: max |diff| {diff:.3g} > {atol}"
+    _note(what, float((ours.double() - ref.double()).abs().max()) if ours.numel() else 0.0)
+    assert_close(ours, ref, what, tol)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -197,7 +195,7 @@ def test_batch_of_all_cases_equals_each_alone(variant, models, tok):
         for r, q in zip(rec.rows[b], ref_rec):
             for key in ("audio_logits", "text_logits"):
                 if q[key] is not None:
-                    _close(r[key], q[key], f"batch vs alone: {key}", atol=1e-5)
+                    _close(r[key], q[key], f"batch vs alone: {key}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS[:1], ids=[v.name for v in VARIANTS[:1]])

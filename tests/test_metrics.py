@@ -1,6 +1,6 @@
-"""The metric logger's sinks: TensorBoard event files read back (an independent decoder here; tensorboard's own
-EventAccumulator under `make test-extras`), Weights & Biases in offline mode (extras), `--report_to` parsing,
-the scalars the sinks show, and the matplotlib loss plot (extras)."""
+"""The metric logger's sinks: TensorBoard event files read back with TensorBoard's own readers (its event loader and
+EventAccumulator; tensorboard is a dev requirement), Weights & Biases in offline mode (extras), `--report_to`
+parsing, the scalars the sinks show, and the matplotlib loss plot (extras)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import event_files, hide_package, masked, read_events, wandb_history
+from helpers import event_files, hide_package, read_events, wandb_history
 from minihiggs.errors import TrainConfigError
 from minihiggs.metrics.jsonl import read_metrics
 from minihiggs.metrics.logger import make_logger, parse_report_to
 from minihiggs.metrics.scalars import scalars
-from minihiggs.metrics.tensorboard import TensorBoardSink, crc32c, masked_crc32c
+from minihiggs.metrics.tensorboard import TensorBoardSink
 
 VAL = {"split": "val", "step": 3, "loss": 2.5, "text_loss": 1.25, "audio_loss": 1.25, "best": True,
        "audio_loss_per_codebook": [1.0 + k / 8 for k in range(8)], "text_targets": 10, "audio_targets": [4] * 8,
@@ -31,11 +31,13 @@ def f32(x: float) -> float:
 
 # ---- TensorBoard ----------------------------------------------------------------------------------------------
 
-def test_crc32c_known_answers():
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
-    assert crc32c(b"") == 0 and crc32c(bytes(32)) == 0x8A9136AA
-    for data in (b"", b"a", bytes(range(256)) * 3):
-        assert masked_crc32c(data) == masked(data)
+def by_step(events: list[dict]) -> dict[tuple[int, float], dict[str, float]]:
+    """The scalar events of a file grouped by (step, wall_time): one record's values."""
+    out: dict[tuple[int, float], dict[str, float]] = {}
+    for e in events:
+        if "values" in e:
+            out.setdefault((e["step"], e["wall_time"]), {}).update(e["values"])
+    return out
 
 
 def test_tensorboard_event_file_reads_back(tmp_path):
@@ -48,8 +50,9 @@ def test_tensorboard_event_file_reads_back(tmp_path):
     (path,) = event_files(tmp_path / "tb")
     events = read_events(path)
     assert events[0]["file_version"] == "brain.Event:2" and "values" not in events[0]
-    assert [(e["step"], e["wall_time"]) for e in events[1:]] == [(2, 100.5), (3, 102.25), (4, 103.0)]
-    tr, va, nan = (e["values"] for e in events[1:])
+    got = by_step(events)
+    assert list(got) == [(2, 100.5), (3, 102.25), (4, 103.0)]
+    tr, va, nan = got.values()
     assert tr == {k: f32(v) for k, v in scalars(TRAIN).items()}
     assert {"train/loss", "train/text_loss", "train/audio_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
             "train/audio_loss_cb0", "train/audio_loss_cb7"} <= tr.keys()
@@ -72,10 +75,9 @@ def test_tensorboard_resume_marks_a_restart(tmp_path):
     assert events[2]["values"] == {"train/loss": 30.0}
 
 
-@pytest.mark.extras
 def test_tensorboard_event_accumulator_reads_our_files(tmp_path):
-    """tensorboard's own reader: the scalars, and the orphaned points of a resumed run purged."""
-    pytest.importorskip("tensorboard", reason="tensorboard not installed (make test-extras)")
+    """TensorBoard's EventAccumulator (what `tensorboard --logdir` shows): the scalars, and the orphaned points of
+    a resumed run purged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = TensorBoardSink(tmp_path)
@@ -95,6 +97,14 @@ def test_tensorboard_event_accumulator_reads_our_files(tmp_path):
                                                                        (5, 50.0)]
     assert [(e.step, e.value) for e in acc.Scalars("val/audio_loss_cb2")] == [(2, 1.25)]
     assert acc.Scalars("train/lr")[0].value == pytest.approx(1e-3)
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
+    hide_package(monkeypatch, "tensorboard")
+    with pytest.raises(TrainConfigError) as e:
+        make_logger(tmp_path, enabled=False, report_to="tensorboard")  # every rank checks, not only rank 0
+    msg = str(e.value)
+    assert "\n" not in msg and "--report_to tensorboard" in msg and "pip install tensorboard" in msg
 
 
 # ---- scalars, --report_to ------------------------------------------------------------------------------------
@@ -123,7 +133,8 @@ def test_logger_fans_out_and_only_rank0_writes(tmp_path):
     log.close()
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 3.0
     (path,) = event_files(tmp_path / "tensorboard")
-    assert read_events(path)[1]["values"]["train/loss"] == 3.0
+    (values,) = by_step(read_events(path)).values()
+    assert values == {k: f32(v) for k, v in scalars(TRAIN).items()}
     other = make_logger(tmp_path / "rank1", enabled=False, report_to="jsonl,tensorboard")
     other.log(TRAIN)
     assert other.sinks == [] and not (tmp_path / "rank1").exists()

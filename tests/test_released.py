@@ -1,6 +1,8 @@
 """The released checkpoints' layout, from their published small files under $MINIHIGGS_REAL (default
 ../shared/real: config.json, model.safetensors.index.json, the tokenizer files, the audio tokenizer's config.json;
-no weights). Every released model and codec found there is checked, whatever its directory is called."""
+no weights). Every released model and codec found there is checked, whatever its directory is called. Expected
+values come from those files, from the independently gathered key maps and shapes under $MINIHIGGS_REAL_HF
+(default ../shared/real-hf), or from another part of minihiggs (collate), never from the code under test."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden import REAL_ROOT, released_codecs, released_models
+from golden import REAL_HF_ROOT, REAL_ROOT, released_codecs, released_models
 from helpers import LLAMA_DIR
-from minihiggs import load_model
+from minihiggs import collate, load_model
 from minihiggs.codec import AudioTokenizer, CodecConfig
 from minihiggs.codec.loading import expected_tensors
 from minihiggs.config import HiggsConfig
@@ -22,6 +24,7 @@ from minihiggs.model.higgs import HiggsAudioModel
 from minihiggs.model.tiny import random_state_dict, save_sharded
 from minihiggs.prep.pipeline import model_settings
 from minihiggs.text.tokenizer import HIGGS_SPECIAL_TOKENS, TextTokenizer, write_higgs_tokenizer
+from synth import synth_sample
 
 MODELS = [pytest.param(d, id=d.name) for d in released_models()]
 CODECS = [pytest.param(d, id=d.name) for d in released_codecs()]
@@ -34,6 +37,14 @@ def test_released_files_present():
 
 def published(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
+
+
+def hf_facts(name: str) -> dict:
+    return json.loads((REAL_HF_ROOT / name).read_text())
+
+
+def index_keys(ckpt: Path) -> set[str]:
+    return set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"])
 
 
 @pytest.mark.parametrize("ckpt", MODELS)
@@ -49,20 +60,35 @@ def test_model_from_the_published_config_has_the_index_layout(ckpt):
     assert sum(v.numel() * v.element_size() for v in sd.values()) == index["metadata"]["total_size"]
 
 
+@pytest.mark.parametrize("ckpt", [m for m in MODELS if index_keys(m.values[0]) == set(hf_facts("old_to_new.json"))])
+def test_model_shapes_are_the_released_ones(ckpt):
+    """Every tensor's shape as the release has it (real-hf/keys_3b_new.json, through the legacy -> new key map):
+    the index holds names and a byte total only. Selected by property: the releases whose keys that map covers."""
+    old_to_new, shapes = hf_facts("old_to_new.json"), hf_facts("keys_3b_new.json")
+    with torch.device("meta"):
+        model = HiggsAudioModel(HiggsConfig.from_file(ckpt / "config.json"))
+    wrong = {k: (tuple(v.shape), shapes[old_to_new[k]]) for k, v in model.state_dict().items()
+             if list(v.shape) != shapes[old_to_new[k]]}
+    assert not wrong
+
+
 @pytest.mark.parametrize("ckpt", MODELS)
 def test_prep_reads_the_published_config(ckpt):
     raw = published(ckpt)
-    cfg = HiggsConfig.from_dict(raw)
     ms = model_settings(raw)
-    assert ms.record() == {
+    assert {k: v for k, v in ms.record().items() if k not in ("whisper", "columns_per_segment")} == {
         "num_codebooks": raw["audio_num_codebooks"], "codebook_size": raw["audio_codebook_size"],
         "audio_in_token_id": raw["audio_in_token_idx"], "audio_out_token_id": raw["audio_out_token_idx"],
-        "whisper": cfg.uses_whisper_features,
-        "columns_per_segment": 2 + (raw["audio_num_codebooks"] - 1 if raw["use_delay_pattern"] else 0),
         "vocab_size": raw["text_config"]["vocab_size"]}
-    # The published forms: use_audio_out_self_attention as an int, a tower config beside skip_audio_tower=true.
-    if raw.get("skip_audio_tower") and raw.get("audio_encoder_config"):
-        assert not cfg.has_audio_tower and not ms.whisper
+    # Whisper features are prepared only for a checkpoint that ships the tower's weights (the published form: a
+    # tower config beside skip_audio_tower=true, and no audio_tower.* tensor in the index).
+    ships_tower = any(k.startswith("audio_tower.") for k in index_keys(ckpt))
+    assert ms.whisper == (ships_tower and bool(raw.get("encode_whisper_embed")))
+    # The columns prep budgets per audio segment are the ones collate builds from this config.
+    cfg = HiggsConfig.from_dict(raw)
+    sample = synth_sample(torch.Generator().manual_seed(0), audio_in=None, audio_out=5)
+    frames = sum(c.shape[1] for c in sample.audio_codes)
+    assert collate([sample], cfg).audio_out_codes.shape[1] == frames + ms.columns_per_segment
 
 
 def shrunk(raw: dict, hidden: int = 32, layers: int = 2) -> dict:
@@ -134,4 +160,10 @@ def test_codec_config_parses(codec):
     with torch.device("meta"):
         tok = AudioTokenizer(cfg)
     shapes = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
-    assert len(expected_tensors(shapes, cfg)) == 602  # the published model.pth's tensor count
+    expected = expected_tensors(shapes, cfg)
+    old_to_new, new_shapes = hf_facts("tokenizer_old_to_new.json"), hf_facts("keys_tokenizer_new.json")
+    assert set(expected) == set(old_to_new)  # the published model.pth's 602 keys
+    # the new layout folds weight_g into weight_v's shape and drops masked_spec_embed: compare the rest
+    wrong = {k: (v, new_shapes[old_to_new[k]]) for k, v in expected.items()
+             if not k.endswith("weight_g") and old_to_new[k] in new_shapes and list(v) != new_shapes[old_to_new[k]]}
+    assert not wrong and sum(old_to_new[k] in new_shapes for k in expected) == 601

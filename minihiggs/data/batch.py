@@ -24,6 +24,7 @@ losses and gradients are those it has alone. `collate(samples)` puts one sample 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import IntEnum
 from typing import Sequence
 
 import torch
@@ -65,6 +66,16 @@ def segment_columns(codes: torch.Tensor, cfg: HiggsConfig, trained: bool) -> tup
     if not trained:
         labels = torch.full_like(labels, IGNORE)
     return inputs, labels
+
+
+class PositionKind(IntEnum):
+    """What a merged position holds (collate's per-position bookkeeping)."""
+
+    PAD = -1
+    TEXT = 0
+    AUDIO_IN = 1  # a code column of an <|AUDIO|> segment (discrete audio)
+    AUDIO_OUT = 2  # a code column of an <|AUDIO_OUT|> segment (discrete audio)
+    WHISPER = 3  # a Whisper tower row of an <|AUDIO|> clip (continuous: routed like text)
 
 
 @dataclass
@@ -141,7 +152,7 @@ def _expand(s: Sample, cfg: HiggsConfig) -> dict:
     """Expand one sample's placeholders. Returns per-position lists plus the audio pieces of this sample."""
     ids: list[int] = []
     labels: list[int] = []
-    kind: list[int] = []  # 0 text, 1 audio-in code, 2 audio-out, 3 whisper row
+    kind: list[int] = []  # a PositionKind per position
     in_cols, out_cols, out_labels, whisper_chunks = [], [], [], []
     seg = 0
     whisper_i = 0
@@ -158,7 +169,7 @@ def _expand(s: Sample, cfg: HiggsConfig) -> dict:
                 whisper_i += 1
                 ids += [tok] * rows
                 labels += [IGNORE] * rows
-                kind += [3] * rows
+                kind += [PositionKind.WHISPER] * rows
             codes = s.audio_codes[seg]
             seg += 1
             if cfg.encode_audio_in_tokens:
@@ -167,7 +178,7 @@ def _expand(s: Sample, cfg: HiggsConfig) -> dict:
                 n = cols.shape[1]
                 ids += [tok] * n
                 labels += [IGNORE] * n
-                kind += [1] * n
+                kind += [PositionKind.AUDIO_IN] * n
         elif tok == cfg.audio_out_token_id:
             cols, lab_cols = segment_columns(s.audio_codes[seg], cfg, trained=lab != IGNORE)
             seg += 1
@@ -176,11 +187,11 @@ def _expand(s: Sample, cfg: HiggsConfig) -> dict:
             n = cols.shape[1]
             ids += [tok] * n
             labels += [IGNORE] * n  # the <|AUDIO_OUT|> text label is always masked
-            kind += [2] * n
+            kind += [PositionKind.AUDIO_OUT] * n
         else:
             ids.append(tok)
             labels.append(lab)
-            kind.append(0)
+            kind.append(PositionKind.TEXT)
     return dict(ids=ids, labels=labels, kind=kind, in_cols=in_cols, out_cols=out_cols, out_labels=out_labels,
                 whisper=whisper_chunks)
 
@@ -219,7 +230,7 @@ def collate_rows(rows: Sequence[Sequence[Sample]], cfg: HiggsConfig, round_to: i
 
     input_ids = torch.full((b, length), cfg.pad_token_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE, dtype=torch.long)
-    kind = torch.full((b, length), -1, dtype=torch.long)
+    kind = torch.full((b, length), PositionKind.PAD, dtype=torch.long)
     segment_ids = torch.full((b, length), -1, dtype=torch.long)
     # The reference's positions are cumsum(mask) - 1 in a row and 1 at masked positions; here they restart at
     # every sample of a packed row.
@@ -239,9 +250,9 @@ def collate_rows(rows: Sequence[Sequence[Sample]], cfg: HiggsConfig, round_to: i
     attention = segment_ids >= 0
 
     flat_kind = kind.reshape(-1)
-    discrete = (kind == 1) | (kind == 2)
-    audio_in_pos = torch.nonzero(flat_kind == 1).reshape(-1)
-    audio_out_pos = torch.nonzero(flat_kind == 2).reshape(-1)
+    discrete = (kind == PositionKind.AUDIO_IN) | (kind == PositionKind.AUDIO_OUT)
+    audio_in_pos = torch.nonzero(flat_kind == PositionKind.AUDIO_IN).reshape(-1)
+    audio_out_pos = torch.nonzero(flat_kind == PositionKind.AUDIO_OUT).reshape(-1)
 
     def cat_cols(cols: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(cols, dim=1) if cols else torch.zeros((k, 0), dtype=torch.long)
@@ -266,7 +277,8 @@ def collate_rows(rows: Sequence[Sequence[Sample]], cfg: HiggsConfig, round_to: i
 
     batch = Batch(
         input_ids=input_ids, attention_mask=attention, position_ids=position_ids, labels=labels,
-        discrete_mask=discrete, audio_out_mask=kind == 2, audio_in_mask=(kind == 1) | (kind == 3),
+        discrete_mask=discrete, audio_out_mask=kind == PositionKind.AUDIO_OUT,
+        audio_in_mask=(kind == PositionKind.AUDIO_IN) | (kind == PositionKind.WHISPER),
         discrete_idx=torch.nonzero(discrete.reshape(-1)).reshape(-1),
         other_idx=torch.nonzero(~discrete.reshape(-1)).reshape(-1),
         audio_in_pos=audio_in_pos, audio_in_codes=audio_in_codes,
@@ -289,6 +301,6 @@ def collate_rows(rows: Sequence[Sequence[Sample]], cfg: HiggsConfig, round_to: i
             batch.whisper_features = torch.zeros((0, n_mel, 3000))
             batch.whisper_feature_mask = torch.zeros((0, 3000), dtype=torch.int32)
             batch.whisper_rows = torch.zeros(0, dtype=torch.long)
-        batch.whisper_pos = torch.nonzero(flat_kind == 3).reshape(-1)
+        batch.whisper_pos = torch.nonzero(flat_kind == PositionKind.WHISPER).reshape(-1)
         assert int(batch.whisper_rows.sum()) == batch.whisper_pos.numel()
     return batch

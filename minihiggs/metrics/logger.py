@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 
 from ..errors import TrainConfigError
 from .jsonl import JsonlSink
+from .tensorboard import EVENT_FILE_GLOB
 
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
@@ -65,6 +66,10 @@ def parse_report_to(spec: str | Iterable[str]) -> list[str]:
 def check_report_to(spec: str | Iterable[str]) -> list[str]:
     """The sink names, after checking that their packages are installed (call on every rank before any work)."""
     names = parse_report_to(spec)
+    if "tensorboard" in names:
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard()
     if "wandb" in names:
         from .wandb_sink import require_wandb
 
@@ -83,7 +88,7 @@ def make_logger(output_dir: str | os.PathLike, enabled: bool = True, report_to: 
     out = Path(output_dir)
     if not resume:  # a run that never checkpointed leaves a history behind: start afresh
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        for old in (out / TENSORBOARD_DIR).glob("events.out.tfevents.*"):
+        for old in (out / TENSORBOARD_DIR).glob(EVENT_FILE_GLOB):
             old.unlink()
     sinks: list[Sink] = [JsonlSink(out / "metrics.jsonl")]
     if "tensorboard" in names:

@@ -1,9 +1,10 @@
 """Loss curves from metrics.jsonl to a PNG, drawn with matplotlib (an optional extra).
 
 Four panels: the total loss (train line, validation line with dots), its text / audio parts, the validation audio
-loss per codebook, and the validation teacher-forced top-1 audio accuracy per codebook (with its mean). The trainer redraws `loss.png` at every validation, so a running job can be
-looked at; without matplotlib there is no PNG (`MATPLOTLIB_NOTE` says how to get one). Only matplotlib's
-object API is used (a `Figure` with the Agg canvas, no pyplot): no global backend switch, no GUI.
+loss per codebook, and the validation teacher-forced top-1 audio accuracy per codebook (with its mean). The trainer
+redraws `loss.png` at every validation, so a running job can be looked at; without matplotlib there is no PNG
+(`MATPLOTLIB_NOTE` says how to get one). Only matplotlib's object API is used (a `Figure` with the Agg canvas, no
+pyplot): no global backend switch, no GUI.
 """
 
 from __future__ import annotations

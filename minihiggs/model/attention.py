@@ -59,7 +59,7 @@ def build_spec(backend: str, segment_ids: torch.Tensor, valid: torch.Tensor, dis
                spans: tuple[tuple[int, int, int], ...]) -> AttentionSpec:
     """segment_ids [B, L] (sample index within its row, -1 at padding), valid [B, L] bool, discrete [B, L] bool
     when discrete-audio keys are removed (fast-forward layers), else None."""
-    b, n = segment_ids.shape
+    n = segment_ids.shape[1]
     if backend == "dense":
         pos = torch.arange(n, device=segment_ids.device)
         causal = pos[None, :, None] >= pos[None, None, :]

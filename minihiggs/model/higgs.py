@@ -20,6 +20,7 @@ The DualFFN routing is two index lists whose lengths vary per batch: compiled la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ import torch.utils.checkpoint
 from ..config import HiggsConfig, TextConfig, rope_inv_freq
 from ..data.batch import Batch
 from .attention import BACKENDS, AttentionSpec, attend, build_spec, choose_backend
-from .linear import Linear
+from .linear import Linear, project
 from .loss import LossSums, audio_ce_sums, audio_top1_hits, text_ce_sum
 
 
@@ -90,18 +91,15 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spec: AttentionSpec,
-                kv_sink: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: "LayerContext", fast_forward: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = rope
+        q = project(self.q_proj, x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_sink is not None:  # a generation prefill keeps every layer's keys/values for its KV cache
-            kv_sink.append((k, v))
-        out = attend(q, k, v, spec)  # GQA: the kernels read the n_kv heads directly, K/V are never copied
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        out = ctx.attend(q, k, v, fast_forward)  # [B, heads, L, d]
+        return project(self.o_proj, out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -112,7 +110,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return project(self.down_proj, swiglu(project(self.gate_proj, x), project(self.up_proj, x)))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -140,9 +138,32 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(g, u)
 
 
+class LayerContext(Protocol):
+    """What a decoder layer needs besides its input: rotary tables, attention, and the per-position routing
+    between the audio and the text branches. One layer forward (`DecoderLayer.forward`) serves every caller;
+    the training / prefill forward (`LayerInputs`, a whole sequence) and the one-token decode step
+    (`kv_cache.StepInputs`) differ only in how they implement these."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    all_audio: bool  # every position is discrete audio and the caller may skip fast-forward layers outright
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fast_forward: bool) -> torch.Tensor:
+        """Roped q [B, heads, L, d], k/v [B, kv_heads, L, d] -> [B, heads, L, d] (fast-forward: audio keys hidden)."""
+
+    def select(self, x: torch.Tensor, audio: Callable, text: Callable) -> torch.Tensor:
+        """Per position audio(x) or text(x) for cheap position-wise functions (norms): both may run everywhere."""
+
+    def branch(self, x: torch.Tensor, audio: Callable, text: Callable) -> torch.Tensor:
+        """Per position audio(x) or text(x) for the FFNs: each runs only where needed if the context can."""
+
+    def text_only(self, x: torch.Tensor, h: torch.Tensor, text: Callable) -> torch.Tensor:
+        """text(h) at text positions, x (unchanged) at discrete-audio positions (fast-forward layers)."""
+
+
 @dataclass
 class LayerInputs:
-    """Per-batch tensors every layer needs, computed once per forward."""
+    """The `LayerContext` of a forward over whole sequences (training, evaluation, generation prefill): per-batch
+    tensors every layer needs, computed once per forward. The DualFFN routing is two index lists."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     attn: AttentionSpec  # dual and text layers: causal within each sample
@@ -151,6 +172,29 @@ class LayerInputs:
     discrete_idx: torch.Tensor  # flat indices
     other_idx: torch.Tensor
     kv_sink: list | None = None  # when a list, each layer appends its (roped keys, values) [B, kv_heads, L, d]
+    all_audio = False  # a whole sequence is never skipped: its text positions need every layer
+
+    def attend(self, q, k, v, fast_forward: bool) -> torch.Tensor:
+        if self.kv_sink is not None:  # a generation prefill keeps every layer's keys/values for its KV cache
+            self.kv_sink.append((k, v))
+        # GQA: the kernels read the n_kv heads directly, K/V are never copied
+        return attend(q, k, v, self.ff_attn if fast_forward else self.attn)
+
+    def select(self, x, audio, text) -> torch.Tensor:
+        return torch.where(self.discrete, audio(x), text(x))
+
+    def branch(self, x, audio, text) -> torch.Tensor:
+        b, n, d = x.shape
+        flat = x.reshape(b * n, d)
+        out = torch.zeros_like(flat)
+        out = out.index_copy(0, self.other_idx, text(flat.index_select(0, self.other_idx)))
+        out = out.index_copy(0, self.discrete_idx, audio(flat.index_select(0, self.discrete_idx)))
+        return out.view(b, n, d)
+
+    def text_only(self, x, h, text) -> torch.Tensor:
+        b, n, d = x.shape
+        rows = text(h.reshape(b * n, d).index_select(0, self.other_idx))
+        return x.reshape(b * n, d).index_copy(0, self.other_idx, rows).view(b, n, d)
 
 
 class DecoderLayer(nn.Module):
@@ -168,26 +212,29 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, li: LayerInputs) -> torch.Tensor:
-        b, n, d = x.shape
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """The layer's routing, the one used by training, generation prefill and decode (see the module doc)."""
         if self.kind == "dual":
-            h = torch.where(li.discrete, self.audio_input_layernorm(x), self.input_layernorm(x))
-            x = x + self.self_attn(h, li.rope, li.attn, li.kv_sink)
-            flat = x.reshape(b * n, d)
-            text_rows = flat.index_select(0, li.other_idx)
-            audio_rows = flat.index_select(0, li.discrete_idx)
-            ffn = torch.zeros_like(flat)
-            ffn = ffn.index_copy(0, li.other_idx, self.mlp(self.post_attention_layernorm(text_rows)))
-            ffn = ffn.index_copy(0, li.discrete_idx, self.audio_mlp(self.audio_post_attention_layernorm(audio_rows)))
-            return (flat + ffn).view(b, n, d)
+            h = ctx.select(x, self.audio_input_layernorm, self.input_layernorm)
+            x = x + self.self_attn(h, ctx)
+            return x + ctx.branch(x, self._audio_ffn, self._text_ffn)
         if self.kind == "fast_forward":
-            h = x + self.self_attn(self.input_layernorm(x), li.rope, li.ff_attn, li.kv_sink)
+            if ctx.all_audio:
+                return x  # nothing here reads audio positions: the layer (and its cache slot) is skipped
+            h = x + self.self_attn(self.input_layernorm(x), ctx, fast_forward=True)
             # Only non-audio rows go through the MLP; audio rows keep the layer input unchanged.
-            rows = h.reshape(b * n, d).index_select(0, li.other_idx)
-            rows = rows + self.mlp(self.post_attention_layernorm(rows))
-            return x.reshape(b * n, d).index_copy(0, li.other_idx, rows).view(b, n, d)
-        x = x + self.self_attn(self.input_layernorm(x), li.rope, li.attn, li.kv_sink)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return ctx.text_only(x, h, self._text_residual_ffn)
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self._text_ffn(x)
+
+    def _text_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def _audio_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.audio_mlp(self.audio_post_attention_layernorm(x))
+
+    def _text_residual_ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self._text_ffn(h)
 
 
 class AudioDecoderProjector(nn.Module):
@@ -281,7 +328,7 @@ class HiggsAudioModel(nn.Module):
         whisper_hidden = whisper_embed = None
         if self.config.has_audio_tower and batch.whisper_features is not None and batch.whisper_features.shape[0] > 0:
             feats = batch.whisper_features.to(self.audio_encoder_proj.linear.weight.dtype)
-            whisper_hidden, lengths = self.audio_tower(feats, batch.whisper_feature_mask)
+            whisper_hidden, _ = self.audio_tower(feats, batch.whisper_feature_mask)
             rows = torch.arange(whisper_hidden.shape[1], device=x.device)[None, :] < batch.whisper_rows[:, None]
             whisper_embed = self.audio_encoder_proj(whisper_hidden[rows])
             flat = flat.index_copy(0, batch.whisper_pos, whisper_embed.to(flat.dtype))

@@ -6,7 +6,8 @@ per-slot flag `audio[B, S]` (the slot holds a discrete-audio position). Each row
 batch mixes prompts of different lengths, modes and stop points; a step writes row b's new keys at its own
 position `pos[b]` and attends over the slots `<= pos[b]`.
 
-Routing per fed element, the same rules as the training forward (higgs.py):
+Routing per fed element: the training forward's own, `DecoderLayer.forward` (higgs.py), run with this module's
+`StepInputs` as its `LayerContext` (one position per row, the cache as the attention's keys and values):
   dual          shared attention, audio norms + `audio_mlp` for an audio column, the text ones otherwise;
   fast_forward  an audio column skips the layer (output = input) and audio slots are never visible as keys,
                 so the layer is a plain Llama layer over the text positions only. Positions still advance with
@@ -28,8 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.batch import Batch
-from .higgs import Attention, DecoderLayer, HiggsAudioModel, apply_rope
-from .linear import Linear, linear
+from .higgs import HiggsAudioModel
 
 MODES = ("audio", "text", "mixed")
 
@@ -80,58 +80,51 @@ def prefill(model: HiggsAudioModel, cache: StaticKVCache, row: int, batch: Batch
 
 
 # ---- one token per row ------------------------------------------------------------------------------------------
-# The decode step is a few hundred tiny ops per token, so per-op host overhead matters (on CPU it is ~15% of a step
-# of the `small` shape): plain Linears are called through `model.linear.linear` (no module dispatch; frozen fp32
-# weights on CPU still take its oneDNN GEMM; a LoRA-wrapped one keeps its own forward), and with one position per
-# row [B, 1, heads*d] views straight into [B, heads, 1, d] (no transposes). Same arithmetic as the module calls.
-def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, mod.weight) if type(mod) in (nn.Linear, Linear) else mod(x)
+class StepInputs:
+    """The `LayerContext` (higgs.py) of one decode step: each row's one new element, its keys/values written into
+    the cache at the row's own slot and attended over the visible slots. `mode` (a Python string: one graph each)
+    decides the routing statically where the batch allows it ("audio": every row feeds an audio column; "text":
+    every row feeds a text token) and per row with `torch.where` otherwise ("mixed")."""
 
+    def __init__(self, cache: StaticKVCache, rope, pos: torch.Tensor, is_audio: torch.Tensor, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"decode mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.cache, self.rope, self.pos, self.mode = cache, rope, pos, mode
+        self.is_audio = is_audio[:, None, None]
+        self.all_audio = mode == "audio"
+        self.layer = 0  # the layer being run: whose cache `attend` reads and writes
+        own = cache.slots[None, :] == pos[:, None]
+        visible = cache.slots[None, :] <= pos[:, None]
+        # Fast-forward layers never see audio keys; a query keeps its own slot so that no softmax row is empty (an
+        # audio row's result there is discarded, and its key, written here, is never visible: its slot is flagged).
+        ff_visible = (visible & ~cache.audio) | own
+        self.mask, self.ff_mask = visible[:, None, None, :], ff_visible[:, None, None, :]
 
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    return _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+    def attend(self, q, k, v, fast_forward: bool) -> torch.Tensor:
+        """q [B, heads, 1, d], k/v [B, kv_heads, 1, d]: write each row's key/value at its slot pos[b], attend over
+        the visible slots."""
+        b, heads, _, d = q.shape
+        ck, cv = self.cache.kv(self.layer)
+        ck[self.cache.rows, :, self.pos] = k[:, :, 0]
+        cv[self.cache.rows, :, self.pos] = v[:, :, 0]
+        # GQA without copying the cache: the `rep` query heads sharing one kv head become `rep` query rows of it.
+        n_kv = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, heads // n_kv, d), ck, cv,
+                                             attn_mask=self.ff_mask if fast_forward else self.mask)
+        return out.reshape(b, heads, 1, d)
 
+    def select(self, x, audio, text) -> torch.Tensor:
+        if self.mode == "audio":
+            return audio(x)
+        if self.mode == "text":
+            return text(x)
+        return torch.where(self.is_audio, audio(x), text(x))
 
-def _step_attention(attn: Attention, x, rope, mask, cache: StaticKVCache, layer: int, pos) -> torch.Tensor:
-    """x [B, 1, H]: write each row's key/value at its slot pos[b], attend over the visible slots."""
-    b = x.shape[0]
-    cos, sin = rope
-    q = _linear(attn.q_proj, x).view(b, attn.n_heads, 1, attn.head_dim)
-    k = _linear(attn.k_proj, x).view(b, attn.n_kv, 1, attn.head_dim)
-    v = _linear(attn.v_proj, x).view(b, attn.n_kv, 1, attn.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    ck, cv = cache.kv(layer)
-    ck[cache.rows, :, pos] = k[:, :, 0]
-    cv[cache.rows, :, pos] = v[:, :, 0]
-    # GQA without copying the cache: the `rep` query heads sharing one kv head become `rep` query rows of it.
-    rep = attn.n_heads // attn.n_kv
-    out = F.scaled_dot_product_attention(q.view(b, attn.n_kv, rep, attn.head_dim), ck, cv, attn_mask=mask)
-    return _linear(attn.o_proj, out.reshape(b, 1, attn.n_heads * attn.head_dim))
+    branch = select  # one position per row: both FFNs run on every row of a mixed step anyway
 
-
-def _step_layer(layer: DecoderLayer, x, rope, masks, is_audio, cache, i, pos, mode: str) -> torch.Tensor:
-    mask, ff_mask = masks
-    if layer.kind == "dual":
-        if mode == "audio":
-            x = x + _step_attention(layer.self_attn, layer.audio_input_layernorm(x), rope, mask, cache, i, pos)
-            return x + _mlp(layer.audio_mlp, layer.audio_post_attention_layernorm(x))
-        if mode == "text":
-            x = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, mask, cache, i, pos)
-            return x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
-        a = is_audio[:, None, None]
-        h = torch.where(a, layer.audio_input_layernorm(x), layer.input_layernorm(x))
-        x = x + _step_attention(layer.self_attn, h, rope, mask, cache, i, pos)
-        return x + torch.where(a, _mlp(layer.audio_mlp, layer.audio_post_attention_layernorm(x)),
-                               _mlp(layer.mlp, layer.post_attention_layernorm(x)))
-    if layer.kind == "fast_forward":
-        if mode == "audio":
-            return x  # every row feeds audio: the layer is skipped and its cache slot left unwritten
-        h = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, ff_mask, cache, i, pos)
-        out = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-        # (an audio row's key written here is never visible: its slot is flagged audio)
-        return out if mode == "text" else torch.where(is_audio[:, None, None], x, out)
-    x = x + _step_attention(layer.self_attn, layer.input_layernorm(x), rope, mask, cache, i, pos)
-    return x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
+    def text_only(self, x, h, text) -> torch.Tensor:
+        out = text(h)
+        return out if self.mode == "text" else torch.where(self.is_audio, x, out)
 
 
 @torch.no_grad()
@@ -140,13 +133,8 @@ def decode_one_token(model: HiggsAudioModel, cache: StaticKVCache, x: torch.Tens
     """One new element per row: embeddings x [B, 1, H] at positions pos [B] (int64), is_audio [B] bool (an audio
     column, else a text token). Returns the final-normed hidden states [B, H]. Static shapes, no host sync."""
     cache.audio[cache.rows, pos] = is_audio
-    rope = model.rotary_emb(pos[:, None], x.dtype)
-    own = cache.slots[None, :] == pos[:, None]
-    visible = cache.slots[None, :] <= pos[:, None]
-    # Fast-forward layers never see audio keys; a query keeps its own slot so that no softmax row is empty (an
-    # audio row's result there is discarded).
-    ff_visible = (visible & ~cache.audio) | own
-    masks = (visible[:, None, None, :], ff_visible[:, None, None, :])
+    step = StepInputs(cache, model.rotary_emb(pos[:, None], x.dtype), pos, is_audio, mode)
     for i, layer in enumerate(model.layers):
-        x = _step_layer(layer, x, rope, masks, is_audio, cache, i, pos, mode)
+        step.layer = i
+        x = layer(x, step)  # the training forward's routing (DecoderLayer.forward), one position per row
     return model.norm(x)[:, 0]
