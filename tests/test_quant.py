@@ -4,13 +4,13 @@ the dequantized weights, generation with a quantized base and an unmerged adapte
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train
 from golden import MODEL_ROOT, golden_samples, model_dir, variants
@@ -24,6 +24,7 @@ from minihiggs.metrics.jsonl import read_metrics
 from minihiggs.model.quant import (FORMATS, NF4_BLOCK, NF4_HALF_GAP, NF4_LEVELS, SCALE_BLOCK, QuantizedWeight,
                                    QuantLinear, quant_linear, quantized_bytes)
 from minihiggs.tiny import main as tiny_main
+from synth import synth_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = variants(MODEL_ROOT)
@@ -153,7 +154,7 @@ def test_lora_on_a_quantized_base_trains_and_merges(golden_case, fmt):
     wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert wrapped and all(m.qweight is not None and m.weight is None for m in wrapped if m.r)
     model.train()
-    for step in range(2):  # B starts at 0, so A gets its first gradient in the second step
+    for _ in range(2):  # B starts at 0, so A gets its first gradient in the second step
         model.zero_grad()
         out = model.forward_hidden(batch)
         model.loss_sums(out.hidden, batch).normalized().sum().backward()
@@ -224,3 +225,31 @@ def test_a_quantized_run_resumes_bitwise(quantized_run, voices, tmp_path):
     a, b = adapter(run / "final"), adapter(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_diff(a, b)}"
     assert max_diff(adapter(mid), a) > 0  # (and the second half trained)
+
+
+def test_export_merges_into_the_dequantized_weights(quantized_run, voices, tmp_path):
+    """The merged checkpoint computes what the quantized run's base + adapter computed (up to fp32 rounding of
+    the merge and bf16-free storage: the base is fp32 here); merging into the original weights instead would
+    differ by the quantization error (the cost of the export, README: Small GPUs)."""
+    fmt, run = quantized_run
+    batch = collate(synth_samples(3, seed=5), load_model(voices / "base").config)
+    trained = load_generation_model(str(voices / "base"), str(run / "final"), quantize=fmt, log=lambda m: None)
+    assert any(isinstance(m, LoRALinear) for m in trained.modules())  # kept unmerged beside the 4/8-bit base
+    export_merged(run / "final", tmp_path / "merged", base=voices / "base", quantize=fmt, log=None)
+    export_merged(run / "final", tmp_path / "plain", base=voices / "base", log=None)
+    want = head_logits(trained, batch)
+    for a, b in zip(head_logits(load_model(tmp_path / "merged"), batch), want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # (W^ + sBA in one GEMM vs W^x + sB(Ax))
+    plain = head_logits(load_model(tmp_path / "plain"), batch)
+    assert relative_error(plain[1], want[1]) > 1e-3  # (the flag matters: without it the error is the quantization's)
+
+
+def test_generate_speaks_with_a_quantized_base_and_its_adapter(quantized_run, voices, tmp_path, capsys):
+    fmt, run = quantized_run
+    sample = json.loads((voices / "data" / "train.jsonl").read_text().splitlines()[0])["id"]
+    wav = tmp_path / "q.wav"
+    code = generate_main(["--adapter", str(run / "final"), "--base_ckpt", str(voices / "base"), "--quantize", fmt,
+                          "--shards", str(voices / "shards"), "--ref_sample", sample, "--text", "Hello there.",
+                          "--out", str(wav), "--max_new_frames", "12", "--temperature", "0", "--no_progress"])
+    assert code == 0, capsys.readouterr().err
+    assert wav.stat().st_size > 44
