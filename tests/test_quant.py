@@ -132,8 +132,11 @@ def test_golden_logits_within_the_derived_bound(golden_case, fmt):
     ckpt, ref, batch = golden_case
     model = load_model(ckpt, quantize=fmt)
     ref_sd = ref.state_dict()
-    eps = [float((m.dequantize() - ref_sd[p.rpartition(".")[0] + ".weight"]).norm() / ref_sd[
-        p.rpartition(".")[0] + ".weight"].norm()) for p, m in model.named_modules() if isinstance(m, QuantizedWeight)]
+    eps = []
+    for path, qw in ((p, m) for p, m in model.named_modules() if isinstance(m, QuantizedWeight)):
+        w = ref_sd[path.rpartition(".")[0] + ".weight"]
+        eps.append(float((qw.dequantize() - w).norm() / w.norm()))
+        assert eps[-1] <= float(elementwise_bound(qw).norm() / w.norm())  # the format's own bound, from its scales
     n_linears = sum(1 for k in ref_sd if k.startswith("layers.") and k.endswith("_proj.weight"))
     assert len(eps) == n_linears > 0  # every decoder projection, attention and both MLPs (DualFFN included)
     assert not any(isinstance(m, QuantLinear) for m in ref.modules())  # the unquantized path is untouched
