@@ -67,7 +67,7 @@ def elementwise_bound(qw: QuantizedWeight) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_weight_within_the_format_bound(fmt):
     w = awkward_weight()
-    qw = QuantizedWeight(w, fmt)
+    qw = QuantizedWeight.of(w, fmt)
     err = (qw.dequantize() - w).abs()
     bound = elementwise_bound(qw)
     # + 1e-6 of the weight: the fp32 rounding of dequantization (one multiply and one add per weight)
@@ -85,7 +85,7 @@ def test_quant_linear_output_bound_gradients_and_no_saved_weight(fmt):
     codes; backward gives exactly grad @ W^; and autograd keeps no dequantized weight between forward and
     backward (only x: the point of the custom Function)."""
     w = awkward_weight()
-    qw = QuantizedWeight(w, fmt)
+    qw = QuantizedWeight.of(w, fmt)
     x = torch.randn(3, 5, w.shape[1], generator=torch.Generator().manual_seed(1), requires_grad=True)
     saved: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

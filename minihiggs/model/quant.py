@@ -113,17 +113,22 @@ def roundtrip(w: torch.Tensor, fmt: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the modules
 class QuantizedWeight(nn.Module):
     """A frozen [out, in] weight in `fmt`, as buffers (codes and scales); `dequantize(dtype)` gives it back.
-    `dtype` is the compute dtype the model was loaded in (what a merge gives the weight back in)."""
+    `dtype` is the compute dtype the model was loaded in (what a merge gives the weight back in). Built by
+    `QuantizedWeight.of(w, fmt, dtype)`, or from stored tensors."""
 
-    def __init__(self, w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, fmt: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.fmt = check_format(fmt)
         self.dtype = dtype
-        self.shape = tuple(w.shape)
-        self.names = []
-        for name, t in _QUANTIZE[fmt](w).items():
+        self.shape = tuple(shape)
+        self.names = list(tensors)
+        for name, t in tensors.items():
             self.register_buffer(name, t)
-            self.names.append(name)
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> "QuantizedWeight":
+        return cls(fmt, tuple(w.shape), _QUANTIZE[check_format(fmt)](w), dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.names}
@@ -161,11 +166,11 @@ class QuantLinear(Linear):
     """A model `Linear` whose frozen weight is a `QuantizedWeight` (`qweight`); `weight` is None. LoRA wraps it
     like any linear (lora/apply.py)."""
 
-    def __init__(self, w: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no full-precision weight is ever allocated
-        self.out_features, self.in_features = w.shape
+        self.out_features, self.in_features = qweight.shape
         self.register_parameter("weight", None)
-        self.qweight = QuantizedWeight(w, fmt, dtype)
+        self.qweight = qweight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,14 +181,19 @@ class QuantLinear(Linear):
 
 
 def quantize_into(model: nn.Module, key: str, w: torch.Tensor, fmt: str, dtype: torch.dtype) -> None:
-    """Replace the linear owning checkpoint tensor `key` (`<path>.weight`) by a `QuantLinear` built from `w`."""
+    """Replace the linear owning checkpoint tensor `key` (`<path>.weight`) by a `QuantLinear` of `w`."""
+    install(model, key, QuantizedWeight.of(w, fmt, dtype))
+
+
+def install(model: nn.Module, key: str, qw: QuantizedWeight) -> None:
+    """Replace the linear owning checkpoint tensor `key` (`<path>.weight`) by a `QuantLinear` holding `qw`."""
     path = key.rpartition(".")[0]
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path)
     old = getattr(parent, name)
     if old.bias is not None and old.bias.device.type == "meta":
         raise ValueError(f"{path}: quantized linears with a bias are not supported")
-    setattr(parent, name, QuantLinear(w, fmt, old.bias, dtype))
+    setattr(parent, name, QuantLinear(qw, old.bias))
 
 
 def quantized_bytes(model: nn.Module) -> int:
