@@ -33,6 +33,8 @@ class ExportArgs:
                                           "in processor_config.json")
     max_shard_size: str = flag("5GB", "largest shard, e.g. 5GB, 500MB")
     overwrite: bool = flag(False, "replace an existing non-empty --out directory")
+    quantize: str | None = flag(None, "the adapter was trained with --quantize nf4|int8: merge into the weights as "
+                                      "that run saw them (dequantized)", choices=["nf4", "int8"])
 
 
 def export(argv: list[str] | None) -> None:
@@ -41,7 +43,8 @@ def export(argv: list[str] | None) -> None:
 
     try:
         export_merged(args.adapter, args.out, base=args.base_ckpt, max_shard_size=args.max_shard_size,
-                      overwrite=args.overwrite, layout=args.layout, codec=args.codec)
+                      overwrite=args.overwrite, layout=args.layout, codec=args.codec,
+                      quantize=args.quantize)
     except UserError:
         raise  # (some are OSErrors too, e.g. a missing directory: their message is already right)
     except OSError as e:  # a full disk or an unwritable --out: the file and the reason, not a traceback

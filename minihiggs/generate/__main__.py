@@ -31,6 +31,9 @@ class GenerateArgs:
     device: str | None = flag(None, "cuda / cpu (default: cuda when available)", "model")
     dtype: str | None = flag(None, "model dtype (default: bf16 on GPU, fp32 on CPU)", "model",
                              choices=["bf16", "bfloat16", "fp32", "float32"])
+    quantize: str | None = flag(None, "store the decoder linears in 4-bit NormalFloat (nf4) or 8 bits (int8); an "
+                                      "adapter then stays unmerged (README: Small GPUs)", "model",
+                                choices=["nf4", "int8"])
     # -- what to say
     text: str | None = flag(None, "the text to speak", "what to say")
     out: str | None = flag(None, "output WAV (the codes go beside it as .npy)", "what to say")
@@ -70,7 +73,7 @@ def speak_config(a: GenerateArgs):
                        ref_codes=a.ref_codes, ref_text=a.ref_text, ref_sample=a.ref_sample, scene=a.scene or None,
                        prompts=a.prompts, out_dir=a.out_dir, shards=a.shards, sampling=sampling,
                        max_new_frames=a.max_new_frames, batch_size=a.batch_size, codec=a.codec, device=a.device,
-                       dtype=a.dtype, progress=not a.no_progress)
+                       dtype=a.dtype, quantize=a.quantize, progress=not a.no_progress)
 
 
 def generate(argv: list[str] | None) -> None:

@@ -56,9 +56,12 @@ def adapter_dir(adapter: str | os.PathLike) -> Path:
 
 
 def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, merge: bool = True, log=None) -> HiggsAudioModel:
+                          dtype: torch.dtype = torch.float32, merge: bool = True, quantize: str | None = None,
+                          log=None) -> HiggsAudioModel:
     """The model to generate with. `log(msg)` receives one-line notes: what was loaded (`base: DIR`, `adapter:
-    DIR`, resolved) and e.g. an adapter recorded for a base checkpoint of another name that still fits."""
+    DIR`, resolved) and e.g. an adapter recorded for a base checkpoint of another name that still fits.
+    With `quantize` (model/quant.py) an adapter is never merged: merging would bring the full-precision weights
+    back; its low-rank product runs beside each quantized matmul instead."""
     log = log or (lambda m: print(m, file=sys.stderr))
     adir, recorded, base_note = None, None, ""
     if adapter:
@@ -71,7 +74,7 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
             base_ckpt, base_note = recorded, f" (recorded in {adir.resolve() / ADAPTER_CONFIG})"
     if base_ckpt is None:
         raise CheckpointError("no model: pass --base_ckpt (a base or merged checkpoint) and/or --adapter")
-    model = load_model(base_ckpt, dtype=dtype, device=device)
+    model = load_model(base_ckpt, dtype=dtype, device=device, quantize=quantize)
     log(f"base: {Path(model.checkpoint_dir).resolve()}{base_note}")
     if adir is None:
         return model
@@ -88,7 +91,7 @@ def load_generation_model(base_ckpt: str | None, adapter: str | None = None, *, 
     if recorded and not _same_base(recorded, str(base_ckpt)):
         where = "" if is_repo_id(recorded) or Path(recorded).expanduser().is_dir() else " (no longer there)"
         log(f"note: {adir} was trained on {recorded}{where}; it fits {base_ckpt}, which is used")
-    if merge:
+    if merge and not quantize:
         merge_lora(model)
     return model.eval()
 

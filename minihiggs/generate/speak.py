@@ -57,6 +57,7 @@ class SpeakConfig:
     codec: str | None = None  # None: the one recorded with `shards` or the adapter's run (`choose_codec`)
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None  # "nf4" | "int8": the decoder linears in 4 / 8 bits (model/quant.py)
     progress: bool = True
 
 
@@ -275,7 +276,8 @@ def speak(cfg: SpeakConfig, log=print) -> list[dict]:
             raise AudioError(f"{it.ref_audio}: audio file not found")
     device = default_device(cfg.device)
     dtype = default_dtype(cfg.dtype, device)
-    model = load_generation_model(cfg.base_ckpt, cfg.adapter, device=device, dtype=dtype, log=note)
+    model = load_generation_model(cfg.base_ckpt, cfg.adapter, device=device, dtype=dtype, quantize=cfg.quantize,
+                                  log=note)
     tok = load_tokenizer(model)
     codec_name, why = choose_codec(cfg)
     refs = References(tok, model.config, codec_name, device, cfg.shards, "" if cfg.codec else why)

@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.linear import Linear, linear, use_onednn
+from ..model.quant import quant_linear
 from ..wrappers import full_tensor, is_dtensor, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -91,18 +92,20 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a fresh weight
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.weight = base.weight
+        self.weight = base.weight  # None for a quantized base (model/quant.py), whose weight is `qweight`
+        self.qweight = getattr(base, "qweight", None)
         self.bias = base.bias
-        self.base_class = type(base)  # a merge gives this class back
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.base_class = type(base)  # a merge gives this class back (a plain model Linear for a quantized base)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         self.r = int(r)
         self.lora_alpha = alpha
         self.use_rslora = bool(use_rslora)
         self.scaling = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
-        dev = base.weight.device
-        dtype = base.weight.dtype if lora_dtype is None else lora_dtype
+        like = base.weight if self.qweight is None else self.qweight.scale
+        dev = like.device
+        dtype = (like.dtype if self.qweight is None else self.qweight.dtype) if lora_dtype is None else lora_dtype
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=dev, dtype=dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=dev, dtype=dtype)
@@ -129,18 +132,22 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
 
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return quant_linear(x, self.qweight, self.bias)
+        return (linear if issubclass(self.base_class, Linear) else F.linear)(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model_layer = issubclass(self.base_class, Linear)
         if not self.enabled or self.merged:
-            return (linear if model_layer else F.linear)(x, self.weight, self.bias)
+            return self.base_product(x)
         a = self.lora_A.weight
         b = self.lora_B.weight
-        if model_layer and use_onednn(x, self.weight) and a.dtype == b.dtype == x.dtype and \
-                (self.bias is None or not self.bias.requires_grad):
+        if issubclass(self.base_class, Linear) and self.qweight is None and use_onednn(x, self.weight) and \
+                a.dtype == b.dtype == x.dtype and (self.bias is None or not self.bias.requires_grad):
             from .fused import frozen_lora_linear  # the CPU fp32 form (one autograd step, in-place accumulation)
 
             return frozen_lora_linear(x, self.lora_dropout(x), self.weight, self.bias, a, b, self.scaling)
-        result = (linear if model_layer else F.linear)(x, self.weight, self.bias)
+        result = self.base_product(x)
         h = self.lora_dropout(x)
         return result + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
 
@@ -156,6 +163,9 @@ class LoRALinear(nn.Linear):
         forward stops adding the update) and should be discarded."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
+        if self.qweight is not None:  # into the dequantized weight: a full-precision Linear again (the memory is back)
+            self.weight = nn.Parameter(self.qweight.dequantize(self.qweight.dtype), requires_grad=False)
+            self.qweight, self.base_class = None, Linear
         w = self.weight
         if is_dtensor(w):
             raise RuntimeError("merge a LoRA model after gathering it; sharded (DTensor) weights are not supported")

@@ -34,6 +34,7 @@ from ..config import HiggsConfig
 from ..constants import DEFAULT_CODEC_REPO
 from ..errors import CheckpointError
 from ..fsio import atomic_dir, make_readable
+from ..model.quant import check_format, is_quantized_key, roundtrip
 from ..model.checkpoint import internal_key, is_stray, read_tensor, resolve_checkpoint, safetensors_header, weight_files
 from .adapter import (
     ADAPTER_WEIGHTS,
@@ -148,13 +149,16 @@ def output_key(key: str, base: HiggsConfig, layout: str) -> str | None:
 
 def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None,
                   max_shard_size: int | str = "5GB", overwrite: bool = False, layout: str | None = None,
-                  codec: str = DEFAULT_CODEC_REPO, log=print) -> dict:
+                  codec: str = DEFAULT_CODEC_REPO, quantize: str | None = None, log=print) -> dict:
     """Merge `adapter` into its base and write the full checkpoint to `out_dir` in `layout` (default: the base's).
     Returns a summary dict. `codec` is what a transformers-layout processor_config.json names as the audio tokenizer
     (when it is written, not copied). An adapter the base already holds merged is refused (merged_adapters.json).
 
     An existing non-empty `out_dir` is an error unless overwrite=True (then it is replaced as a whole, after
-    the new checkpoint is complete)."""
+    the new checkpoint is complete). `quantize` ("nf4" | "int8": the adapter was trained on a quantized base, see
+    model/quant.py) merges into the weights as that run computed with them, W^ + (alpha/r) * B @ A: the merged
+    checkpoint then keeps the quantization error of the adapted linears in full precision (README: Small GPUs)."""
+    check_format(quantize)
     adapter_dir = resolve_adapter_dir(adapter)
     cfg = read_adapter_config(adapter_dir)
     sd, naming = to_internal_naming(read_adapter_weights(adapter_dir), str(adapter_dir / ADAPTER_WEIGHTS))
@@ -180,7 +184,8 @@ def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: 
     plan = adapter_plan(cfg, sd, shapes, naming)
     scaling = adapter_scaling(cfg)
     side = written_side_files(base_dir, base_cfg, layout, codec)
-    record = {"merged": merged_adapters(base_dir) + [{**adapter_record(adapter_dir, cfg), "layout": layout}]}
+    entry = {**adapter_record(adapter_dir, cfg), "layout": layout, **({"quantize": quantize} if quantize else {})}
+    record = {"merged": merged_adapters(base_dir) + [entry]}
 
     out_dir = Path(out_dir)
     if out_dir.resolve() == base_dir.resolve():
@@ -188,7 +193,8 @@ def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     with atomic_dir(out_dir, replace=True) as tmp:
-        shards, total = _write_shards(tmp, order, headers, names, plan, scaling, base_cfg, layout, max_bytes)
+        shards, total = _write_shards(tmp, order, headers, names, plan, scaling, base_cfg, layout, max_bytes,
+                                      quantize)
         copied = copy_side_files(base_dir, tmp, skip=set(side) | {MERGED_RECORD})
         for name, obj in {**side, MERGED_RECORD: record}.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
@@ -202,7 +208,7 @@ def export_merged(adapter: str | os.PathLike, out_dir: str | os.PathLike, base: 
     return summary
 
 
-def _write_shards(tmp: Path, order, headers, names, plan, scaling, base_cfg, layout, max_bytes):
+def _write_shards(tmp: Path, order, headers, names, plan, scaling, base_cfg, layout, max_bytes, quantize=None):
     """Stream the base tensors (merged where the plan says) into shards + index under `tmp`; (shards, bytes)."""
     total = 0
     shards: list[list[str]] = []
@@ -229,7 +235,8 @@ def _write_shards(tmp: Path, order, headers, names, plan, scaling, base_cfg, lay
             if names[key] in plan:
                 a, b = plan[names[key]]
                 with torch.no_grad():
-                    t = (t.float() + (b.float() @ a.float()) * scaling).to(t.dtype)
+                    w = roundtrip(t, quantize) if quantize and is_quantized_key(names[key]) else t.float()
+                    t = (w + (b.float() @ a.float()) * scaling).to(t.dtype)
             nbytes = t.numel() * t.element_size()
             if cur and cur_bytes + nbytes > max_bytes:
                 flush()

@@ -19,6 +19,7 @@ from ..config import HiggsConfig
 from ..constants import DEFAULT_BASE_REPO as DEFAULT_REPO
 from ..errors import CheckpointError
 from ..hub import resolve_dir, resolved_revision
+from . import quant
 from .higgs import HiggsAudioModel
 
 # Weights, configs and every side file a transformers user of an export needs (processor, chat template).
@@ -112,8 +113,10 @@ def internal_key(key: str, layout: str) -> str:
     return layouts.model_key_to_legacy(key) or key
 
 
-def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
-    """Materialise every parameter of a meta-device `model` from safetensors files, strictly."""
+def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtype, device: torch.device,
+                    quantize: str | None = None) -> None:
+    """Materialise every parameter of a meta-device `model` from safetensors files, strictly. With `quantize`
+    (quant.py), each decoder-layer projection is quantized on `device` as it is read, one tensor at a time."""
     expected = {k: v for k, v in model.state_dict().items()}
     layout = model.config.layout
     seen: set[str] = set()
@@ -132,7 +135,10 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
                     mismatched.append(f"{file_key}: checkpoint {tuple(info['shape'])} vs model {tuple(expected[key].shape)}")
                     continue
                 t = read_tensor(f, info, data_start, path, key)
-                _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                if quantize and quant.is_quantized_key(key):
+                    quant.quantize_into(model, key, t.to(device), quantize, dtype)
+                else:
+                    _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                 seen.add(key)
     missing = sorted(layouts.model_key(k, layout) or k for k in set(expected) - seen)
     if missing or unexpected or mismatched:
@@ -149,8 +155,10 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
 
 
 def load_model(path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> HiggsAudioModel:
+               device: str | torch.device = "cpu", quantize: str | None = None) -> HiggsAudioModel:
     """Build the model from a checkpoint's config.json and load its weights (strict, with a readable report).
+    `quantize` ("nf4" | "int8", model/quant.py) stores the decoder layers' linears in 4 / 8 bits, computing in
+    `dtype`.
     The model records where it came from: `checkpoint_dir` and `checkpoint_revision` (the Hub commit, None for a
     local directory); its config says the layout (`model.config.layout`)."""
     ckpt = resolve_checkpoint(path_or_repo)
@@ -158,7 +166,7 @@ def load_model(path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype: torch.dtyp
     device = torch.device(device)
     with torch.device("meta"):
         model = HiggsAudioModel(cfg)
-    load_state_into(model, weight_files(ckpt), dtype, device)
+    load_state_into(model, weight_files(ckpt), dtype, device, quant.check_format(quantize))
     model.reset_buffers()
     model.checkpoint_dir = str(ckpt)
     model.checkpoint_revision = resolved_revision(ckpt)

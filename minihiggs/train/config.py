@@ -63,6 +63,9 @@ class TrainConfig:
                                                 "logging, checkpoints, runtime")
     dtype: str | None = _flag(None, "base model dtype (default bf16 on GPU, fp32 on CPU); LoRA weights are always "
                                     "fp32", "logging, checkpoints, runtime", choices=sorted(DTYPES))
+    quantize: str | None = _flag(None, "store the frozen decoder linears in 4-bit NormalFloat (nf4, QLoRA) or 8-bit "
+                                       "(int8), dequantized per matmul in --dtype (README: Small GPUs)",
+                                 "logging, checkpoints, runtime", choices=["nf4", "int8"])
     fsdp: bool = _flag(False, "shard the frozen base with FSDP2 (torchrun)", "logging, checkpoints, runtime")
     compile: bool | None = _flag(None, "torch.compile each decoder layer (default: on for CUDA, off on CPU)",
                                  "logging, checkpoints, runtime", action=argparse.BooleanOptionalAction)

@@ -187,7 +187,7 @@ class LoRARecipe:
         self.record["base_dir"] = str(Path(ckpt_dir).resolve())
         self.record["base_revision"] = resolved_revision(ckpt_dir)
         check_dataset(self.ds, model_cfg)  # before the weights load: a mismatch is an error within seconds
-        model = load_model(ckpt_dir, dtype=dtype, device=self.device)
+        model = load_model(ckpt_dir, dtype=dtype, device=self.device, quantize=cfg.quantize)
         self.lora_report = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                       targets=cfg.lora_targets, seed=cfg.seed)
         if self.resume_from is not None:
