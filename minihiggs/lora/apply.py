@@ -159,8 +159,8 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """Fold the update into the base weight in fp32 (`W + scaling * B @ A`, cast back to W's dtype) and
-        return a plain linear of the wrapped layer's class sharing the merged weight/bias. This module is then marked merged (its own
-        forward stops adding the update) and should be discarded."""
+        return a plain linear of the wrapped layer's class sharing the merged weight/bias. This module is then
+        marked merged (its own forward stops adding the update) and should be discarded."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
         if self.qweight is not None:  # into the dequantized weight: a full-precision Linear again (the memory is back)
@@ -438,8 +438,8 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (fp32 math, original dtype kept) and replace each
-    `LoRALinear` by a plain linear of the class it wrapped, in place; returns the (unwrapped) model. Parameters keep their
-    requires_grad (frozen after apply_lora). The `enabled` switch is ignored: every update is merged."""
+    `LoRALinear` by a plain linear of the class it wrapped, in place; returns the (unwrapped) model. Parameters
+    keep their requires_grad (frozen after apply_lora). The `enabled` switch is ignored: every update is merged."""
     model = unwrap(model)
     for path, m in lora_modules(model).items():
         parent_path, _, name = path.rpartition(".")

@@ -132,7 +132,8 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
                         unexpected.append(f"{file_key} ({path.name})")
                     continue
                 if tuple(info["shape"]) != tuple(expected[key].shape):
-                    mismatched.append(f"{file_key}: checkpoint {tuple(info['shape'])} vs model {tuple(expected[key].shape)}")
+                    mismatched.append(f"{file_key}: checkpoint {tuple(info['shape'])} vs model "
+                                      f"{tuple(expected[key].shape)}")
                     continue
                 t = read_tensor(f, info, data_start, path, key)
                 if quantize and quant.is_quantized_key(key):
@@ -144,7 +145,8 @@ def load_state_into(model: HiggsAudioModel, files: list[Path], dtype: torch.dtyp
     if missing or unexpected or mismatched:
         lines = []
         if missing:
-            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20])
+                         + (" ..." if len(missing) > 20 else ""))
         if unexpected:
             lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) +
                          (" ..." if len(unexpected) > 20 else ""))
