@@ -265,7 +265,7 @@ def test_an_adapter_refused_by_its_loader_keeps_its_own_message(base, codec, ada
     import minihiggs.generate.loading as loading
     from minihiggs.errors import AdapterError
 
-    def refuse(model, adir):
+    def refuse(model, adir, **kw):
         raise AdapterError(f"{adir}: already merged into this checkpoint; stacking it twice would apply it twice")
 
     monkeypatch.setattr(loading, "load_adapter", refuse)
