@@ -256,3 +256,17 @@ def test_generate_speaks_with_a_quantized_base_and_its_adapter(quantized_run, vo
                           "--out", str(wav), "--max_new_frames", "12", "--temperature", "0", "--no_progress"])
     assert code == 0, capsys.readouterr().err
     assert wav.stat().st_size > 44
+
+
+def test_resume_refuses_another_quantization(tmp_path):
+    """The frozen weights of a --quantize nf4 run are not those of a bf16 one: a resume may not switch."""
+    from types import SimpleNamespace
+
+    from minihiggs.errors import ResumeError
+    from minihiggs.train.checkpointing import check_resume_compatible
+
+    with pytest.raises(ResumeError, match=r"--quantize: checkpoint 'nf4', now None"):
+        check_resume_compatible({"world_size": 1}, {"args": {"quantize": "nf4"}}, SimpleNamespace(quantize=None), 1,
+                                tmp_path)
+    assert check_resume_compatible({"world_size": 1}, {"args": {"quantize": "nf4"}}, SimpleNamespace(quantize="nf4"),
+                                   1, tmp_path) == []

@@ -140,7 +140,8 @@ def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
 # validation, checkpoints and samples, the runtime. What it may not: everything that decides the data order, the
 # split or the adapter's shape (`MUST_MATCH`), and the number of processes (each has its own RNG streams).
 MUST_MATCH = ("shards", "batch_size", "max_tokens_per_batch", "seed", "val_fraction", "lora_r", "lora_alpha",
-              "lora_targets", "best_metric")  # (best_metric: the recorded best value is of that metric)
+              "lora_targets", "best_metric", "quantize")  # (best_metric: the recorded best value is of that metric;
+# quantize: the frozen weights themselves differ)
 NOT_SETTINGS = ("resume", "output_dir")  # where the run is, not how it trains
 
 
