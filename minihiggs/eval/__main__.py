@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import HelpFormatter, run
 from ..constants import DEFAULT_CODEC_REPO
-from ..errors import UserError
 
 
 def parse_args(argv: list[str] | None = None):
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None):
     from .speaker import DEFAULT_SV
 
     ap = argparse.ArgumentParser(prog="python -m minihiggs.eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)  # (repeatable --model: argparse here, cli's rules)
     m = ap.add_argument_group("models (side by side)")
     m.add_argument("--model", action="append", default=[], metavar="[LABEL=]PATH",
                    help="a checkpoint (base or merged) or a LoRA adapter dir; repeat for several")
@@ -66,15 +66,12 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
     from .run import evaluate
 
-    try:
-        evaluate(cfg)
-    except UserError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def command(args: list[str] | None) -> None:
+        evaluate(parse_args(args))
+
+    return run("eval", command, argv)
 
 
 if __name__ == "__main__":
