@@ -65,35 +65,25 @@ def inject(what: str) -> None:
 
         builtins.open = open_
         return
-    if what.startswith("samples_"):  # samples_SIGTERM_2: that signal at the start of the 2nd sample generation
-        from minihiggs.generate.engine import Engine
-
+    if what.startswith(("samples_", "scoring_")):  # samples_SIGTERM_2: that signal at the 2nd sample generation;
+        # scoring_SIGTERM_2: in the 2nd transcription of the samples
+        if what.startswith("samples_"):
+            from minihiggs.generate.engine import Engine as owner
+            name = "generate"
+        else:
+            from minihiggs.eval.asr import Transcriber as owner
+            name = "transcribe"
         _, sig, nth = what.split("_")
-        real_generate, calls = Engine.generate, []
+        real, calls = getattr(owner, name), []
 
-        def generate(self, *a, **k):
+        def signalling(self, *a, **k):
             calls.append(1)
             if len(calls) == int(nth):
                 os.kill(os.getpid(), getattr(signal, sig))
                 time.sleep(0.5)  # (the handler runs here)
-            return real_generate(self, *a, **k)
+            return real(self, *a, **k)
 
-        Engine.generate = generate
-        return
-    if what.startswith("scoring_"):  # scoring_SIGTERM_2: that signal in the 2nd transcription of the samples
-        from minihiggs.eval.asr import Transcriber
-
-        _, sig, nth = what.split("_")
-        real_transcribe, calls = Transcriber.transcribe, []
-
-        def transcribe(self, *a, **k):
-            calls.append(1)
-            if len(calls) == int(nth):
-                os.kill(os.getpid(), getattr(signal, sig))
-                time.sleep(0.5)  # (the handler runs here)
-            return real_transcribe(self, *a, **k)
-
-        Transcriber.transcribe = transcribe
+        setattr(owner, name, signalling)
         return
     if what == "slow_save":  # each checkpoint takes 3 s more: a signal surely arrives while it is written
         real_save = recipe.ckpt_io.save_checkpoint
